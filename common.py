@@ -558,8 +558,6 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; otherwise the CPU KV cache claims ~9 GiB
         from vllm import LLM
         kw = {} if not torch.cuda.is_available() else {"gpu_memory_utilization": gpu_memory_utilization}
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            kw["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
                        **kw)
 

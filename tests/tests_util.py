@@ -1,0 +1,26 @@
+"""Helpers shared by the tests (not a test module)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def load_method(name):
+    """Import methods/<name>.py as a module (the method files are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"method_{name}", REPO / "methods" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rand_batch(B=4, T=7, seed=0):
+    """Random per-token log-probs (negative) and a ragged response mask (every row has >= 1 token)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g) * 3 - 0.01
+    lengths = torch.tensor([T, 3, 1, 5])[:B]
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    return logp, mask
