@@ -1,0 +1,912 @@
+"""Fused, chunked log-probabilities of an LM head, with hand-written backward passes.
+
+Every post-training loss in this project needs per-token quantities of the policy
+distribution pi(. | prefix) = softmax(z / T) with logits z = h W^T + b:
+
+    log p(target)  = z_t / T - logsumexp(z / T)                 (fused_logprobs)
+    entropy        = -sum_v p_v log p_v                           (fused_logprobs)
+    KL(ref || pi)  = sum_v p_ref,v (log p_ref,v - log p_v)       (full_vocab_kl, ASFT)
+    E_w[log p]     = sum_a w(a) log p(a)                          (expected_reward_logprob, OTR)
+    draws a ~ softmax(z / kappa)                                  (sample_tokens, OTR)
+
+The obvious way builds the (N, V) logits, their log-softmax, and in the backward
+pass one or two more (N, V) gradients.  With V = 151,936 (Qwen2) that is 0.6 GB
+per 1,024 tokens per buffer, and sweeping those buffers through memory costs as
+much time as the matmul itself.  The kernels here never hold more than one
+(chunk x vocab_chunk) tile of logits (two for entropy / KL / OTR):
+
+* the rows (tokens) are processed `chunk_size` at a time and the vocabulary
+  `vocab_chunk_size` columns at a time ("2-D tiling");
+* the forward pass keeps, per token, only the log-sum-exp (and the entropy when
+  asked), which are exact combinations of per-block statistics (see
+  `_merge_blocks`);
+* the backward pass recomputes each tile of logits in fp32 and turns it in place
+  into dL/dz, then accumulates dL/dh (chunk x d) and dL/dW (V x d, fp32) with two
+  matmuls.  Per token and vocabulary entry this is 8 d FLOPs (forward 2, backward
+  2 + 2 + 2) instead of 6 d for the naive path, but it touches no (N, V) buffer.
+
+Precision: matmuls, softmax statistics and all accumulations are fp32 whatever
+the input dtype (bf16 / fp16 / fp32); only the returned gradients are cast back to
+the dtype of the input they belong to.  Autocast is switched off inside.
+
+Device friendliness: no `.item()`, no data-dependent Python branching; Python loops
+only over chunks (token chunks and vocabulary blocks), never over tokens.  Tiles are
+preallocated once per call and reused through `out=` / in-place ops, which matters
+on CPU where every fresh large allocation costs page faults.
+
+Every kernel has a `naive_*` twin: plain fp32 logits -> log_softmax -> gather with
+ordinary autograd.  The twins are the references for the tests and the benchmark.
+
+`FusedLM` wraps a Hugging Face causal LM so that the fused head runs inside the
+forward of the module that DDP / FSDP2 wrap (their gradient hooks and the
+unsharding of the root parameters, embeddings and lm_head, need that).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "fused_logprobs",
+    "naive_logprobs",
+    "full_vocab_kl",
+    "naive_full_vocab_kl",
+    "expected_reward_logprob",
+    "naive_expected_reward_logprob",
+    "sample_tokens",
+    "naive_sample_tokens",
+    "FusedLM",
+    "response_hidden",
+    "target_positions",
+    "default_position_ids",
+]
+
+
+# ----------------------------------------------------------------------------------
+# Small helpers shared by the kernels
+# ----------------------------------------------------------------------------------
+def _default_vocab_chunk(device: torch.device) -> int:
+    """Columns per vocabulary block.  8192 keeps a 1024-token tile at 32 MB on CPU
+    (measured as fast as full-width tiles); on GPUs wider blocks mean fewer kernel
+    launches."""
+    return 8192 if device.type == "cpu" else 32768
+
+
+def _spans(n: int, size: int):
+    """Yield (start, end) of consecutive chunks of `size` covering range(n)."""
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _no_autocast(t: torch.Tensor):
+    """The kernels choose their own precision (fp32); an outer autocast must not
+    silently turn their matmuls into bf16."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _tile_buffer(rows: int, cols: int, device) -> torch.Tensor:
+    """Flat fp32 storage for one (rows x cols) tile; smaller tiles are carved from
+    its front so that every view is contiguous (required by `out=`)."""
+    return torch.empty(rows * cols, dtype=torch.float32, device=device)
+
+
+def _logits_block(buf, x, weight, bias, v0, v1, scale):
+    """Tile of scaled logits for vocabulary columns [v0, v1).
+
+    x:      (n, d) fp32, already multiplied by `scale` (= 1 / temperature)
+    weight: (V, d) any dtype; only the block is upcast to fp32
+    bias:   (V,) or None (multiplied by `scale` here)
+    Returns z (n, v1 - v0) fp32, a view of `buf`, and the fp32 weight block (w, d).
+    """
+    n = x.shape[0]
+    w_blk = weight[v0:v1].float()  # (w, d); a no-op view when weight is fp32
+    z = buf[: n * (v1 - v0)].view(n, v1 - v0)
+    if bias is None:
+        torch.mm(x, w_blk.t(), out=z)
+    else:
+        torch.addmm(bias[v0:v1].float(), x, w_blk.t(), beta=scale, out=z)
+    return z, w_blk
+
+
+def _gather_block(z, t, v0, v1):
+    """z[i, t[i, k] - v0] where the target falls in block [v0, v1), else 0.
+
+    z: (n, w) tile; t: (n, K) global token ids.  Returns (n, K).  Summing this over
+    all blocks gathers each target's logit exactly once, without a branch.
+    """
+    inside = (t >= v0) & (t < v1)
+    idx = (t - v0).clamp(0, v1 - v0 - 1)
+    return torch.where(inside, z.gather(1, idx), 0.0)
+
+
+def _log_softmax_(z):
+    """In place z <- log_softmax(z, -1) within the block; returns its row log-sum-exp (n,).
+
+    `torch.log_softmax(z, out=z)` is safe: each row's max and sum are computed before
+    that row is written.  The row maximum of the result is exactly -log(sum exp(z - m)),
+    so lse = m - max(result) comes out with no extra exp pass.
+    """
+    m = z.amax(-1)
+    torch.log_softmax(z, -1, out=z)
+    return m - z.amax(-1)
+
+
+def _rowdot_(a, b):
+    """sum_v a[:, v] * b[:, v], overwriting `a` (no temporary tile)."""
+    return a.mul_(b).sum(-1)
+
+
+def _merge_blocks(lse_b, ent_b=None):
+    """Combine per-block statistics into whole-vocabulary ones.
+
+    lse_b: (nb, n) log-sum-exp of each vocabulary block; ent_b: (nb, n) entropy of
+    the block-local softmax p^b.  With block masses w_b = exp(lse_b - lse):
+
+        lse = logsumexp_b lse_b
+        H   = sum_b w_b H_b  -  sum_b w_b log w_b        (chain rule of entropy)
+
+    Both terms are non-negative, so the entropy has no cancellation even when the
+    logits are large.  Returns lse (n,) and H (n,) or None.
+    """
+    lse = torch.logsumexp(lse_b, 0)
+    if ent_b is None:
+        return lse, None
+    log_w = lse_b - lse
+    ent = (log_w.exp() * (ent_b - log_w)).sum(0)
+    return lse, ent
+
+
+def _check_rows(name, t, n):
+    if t.dim() < 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have {n} rows (one per hidden state), got shape {tuple(t.shape)}")
+
+
+def _check_head(hidden, weight, bias):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (N, d), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be (V, d={hidden.shape[1]}), got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (V={weight.shape[0]},), got shape {tuple(bias.shape)}")
+
+
+def _check_targets(targets, vocab):
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    # Asynchronous on CUDA (no host sync); an out-of-range id would otherwise be
+    # silently treated as a logit of 0.
+    torch._assert_async(((targets >= 0) & (targets < vocab)).all(), "target token id outside [0, V)")
+
+
+def _check_chunks(chunk_size, vocab_chunk_size):
+    if int(chunk_size) < 1 or int(vocab_chunk_size) < 1:
+        raise ValueError(f"chunk sizes must be positive, got {chunk_size} and {vocab_chunk_size}")
+
+
+# ----------------------------------------------------------------------------------
+# 1. log p(target) (+ entropy) at a temperature
+# ----------------------------------------------------------------------------------
+class _FusedLogprobs(torch.autograd.Function):
+    """log softmax(z / T)[targets] and entropy of softmax(z / T), z = h W^T + b.
+
+    Backward.  With p = softmax(z / T), upstream gradients g (N, K) for the log-probs
+    and g_H (N,) for the entropy, and G = sum_k g_k:
+
+        d log p_t / d(z/T)_v = 1[v = t] - p_v
+        d H / d(z/T)_v       = -p_v (log p_v + H)
+        dL/dz_v = (1/T) [ sum_k g_k 1[v = t_k]  +  p_v (c - g_H log p_v) ],  c = -G - g_H H
+
+    The one-hot part touches only K entries per row and is added with gathers /
+    index_add on (n x d) operands.  Without an entropy gradient the tile part is the
+    row-scaled softmax p * (-G / T), so the row scale is folded into the (n x d)
+    operands instead of the (n x w) tile:  dh = diag(-G/T) (P W),  dW += P^T diag(-G/T) h.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, vocab_chunk, with_entropy):
+        # hidden (N, d) ; weight (V, d) ; bias (V,) | None ; targets (N, K) long
+        with _no_autocast(hidden):
+            N, V, K = hidden.shape[0], weight.shape[0], targets.shape[1]
+            dev = hidden.device
+            inv_t = 1.0 / temperature
+            nb = -(-V // vocab_chunk)  # number of vocabulary blocks
+            logp = torch.empty(N, K, dtype=torch.float32, device=dev)
+            lse = torch.empty(N, dtype=torch.float32, device=dev)
+            ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
+            rows, cols = min(chunk_size, N), min(vocab_chunk, V)
+            buf = _tile_buffer(rows, cols, dev)
+            tmp = _tile_buffer(rows, cols, dev) if with_entropy else None
+
+            for c0, c1 in _spans(N, chunk_size):
+                n = c1 - c0
+                x = hidden[c0:c1].float() * inv_t  # (n, d), temperature folded in
+                t = targets[c0:c1]  # (n, K)
+                z_t = torch.zeros(n, K, dtype=torch.float32, device=dev)  # target logits / T
+                lse_b = torch.empty(nb, n, dtype=torch.float32, device=dev)
+                ent_b = torch.empty(nb, n, dtype=torch.float32, device=dev) if with_entropy else None
+                for b, (v0, v1) in enumerate(_spans(V, vocab_chunk)):
+                    z, _ = _logits_block(buf, x, weight, bias, v0, v1, inv_t)  # (n, w)
+                    z_t += _gather_block(z, t, v0, v1)
+                    lse_b[b] = _log_softmax_(z)  # z <- block-local log p^b
+                    if with_entropy:
+                        p = torch.exp(z, out=tmp[: z.numel()].view_as(z))
+                        ent_b[b] = -_rowdot_(p, z)  # H_b = -sum p^b log p^b
+                lse_c, ent_c = _merge_blocks(lse_b, ent_b)
+                lse[c0:c1] = lse_c
+                logp[c0:c1] = z_t - lse_c[:, None]
+                if with_entropy:
+                    ent[c0:c1] = ent_c
+
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.cfg = (inv_t, chunk_size, vocab_chunk, with_entropy)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        inv_t, chunk_size, vocab_chunk, with_entropy = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        use_ent = with_entropy and g_ent is not None
+        N, d = hidden.shape
+        V, K = weight.shape[0], targets.shape[1]
+        dev = hidden.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        dh = torch.empty(N, d, **f32) if need_h else None
+        dW = torch.zeros(V, d, **f32) if need_w else None  # fp32 accumulator
+        db = torch.zeros(V, **f32) if need_b else None
+
+        with _no_autocast(hidden):
+            if g_logp is None and not use_ent:  # nothing flows back
+                if need_h:
+                    dh.zero_()
+            else:
+                rows, cols = min(chunk_size, N), min(vocab_chunk, V)
+                buf = _tile_buffer(rows, cols, dev)
+                tmp = _tile_buffer(rows, cols, dev) if use_ent else None
+                for c0, c1 in _spans(N, chunk_size):
+                    n = c1 - c0
+                    h = hidden[c0:c1].float()  # (n, d)
+                    x = h * inv_t
+                    t = targets[c0:c1]  # (n, K)
+                    lse_c = lse[c0:c1, None]  # (n, 1)
+                    g = g_logp[c0:c1].float() if g_logp is not None else torch.zeros(n, K, **f32)
+                    # row coefficient c / T  with  c = -G - g_H H
+                    c_row = -g.sum(1)
+                    if use_ent:
+                        g_h = g_ent[c0:c1].float()
+                        c_row = c_row - g_h * ent[c0:c1]
+                        g_h_col = (g_h * inv_t)[:, None]
+                    c_row = c_row * inv_t  # (n,)
+                    c_col = c_row[:, None]
+                    h_scaled = None if use_ent else h * c_col  # (n, d) operand for dW
+                    acc = torch.zeros(n, d, **f32)  # dL/dh for this chunk
+
+                    for v0, v1 in _spans(V, vocab_chunk):
+                        z, w_blk = _logits_block(buf, x, weight, bias, v0, v1, inv_t)
+                        z.sub_(lse_c)  # log p   (n, w)
+                        if use_ent:
+                            p = torch.exp(z, out=tmp[: z.numel()].view_as(z))
+                            # z <- p * (c/T - (g_H/T) log p)  = dL/dz minus the one-hot part
+                            z.mul_(g_h_col).neg_().add_(c_col).mul_(p)
+                            if need_h:
+                                acc.addmm_(z, w_blk)
+                            if need_w:
+                                dW[v0:v1].addmm_(z.t(), h)
+                            if need_b:
+                                db[v0:v1] += z.sum(0)
+                        else:
+                            z.exp_()  # p; the row scale c/T lives in the (n x d) operands
+                            if need_h:
+                                acc.addmm_(z, w_blk)
+                            if need_w:
+                                dW[v0:v1].addmm_(z.t(), h_scaled)
+                            if need_b:
+                                db[v0:v1].addmv_(z.t(), c_row)
+                    if not use_ent:
+                        acc.mul_(c_col)
+
+                    # one-hot part: (g_k / T) at column t_k
+                    g_t = g * inv_t  # (n, K)
+                    flat_t = t.reshape(-1)
+                    if need_h:
+                        acc += torch.einsum("nk,nkd->nd", g_t, weight[t].float())
+                        dh[c0:c1] = acc
+                    if need_w:
+                        dW.index_add_(0, flat_t, (g_t[:, :, None] * h[:, None, :]).reshape(-1, d))
+                    if need_b:
+                        db.index_add_(0, flat_t, g_t.reshape(-1))
+
+        grad_h = dh.to(hidden.dtype) if need_h else None
+        grad_w = dW.to(weight.dtype) if need_w else None
+        grad_b = db.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    vocab_chunk_size: int | None = None,
+):
+    """Log-probabilities of `targets` (and entropy) under softmax((h W^T + b) / T).
+
+    hidden (N, d) any float dtype; weight (V, d); bias (V,) or None;
+    targets (N,) or (N, K) long (K > 1: several tokens scored per position).
+    Returns (logp, entropy): logp float32 with the shape of `targets`; entropy
+    float32 (N,) of the whole softmax(z / T), or None unless `with_entropy`.
+    Gradients flow to hidden, weight and bias from both outputs.
+
+    Peak extra memory: one (chunk_size x vocab_chunk_size) fp32 tile (two with
+    entropy) plus, in backward, the fp32 weight-gradient accumulator (V x d).
+    """
+    _check_head(hidden, weight, bias)
+    _check_rows("targets", targets, hidden.shape[0])
+    _check_targets(targets, weight.shape[0])
+    vocab_chunk = vocab_chunk_size or _default_vocab_chunk(hidden.device)
+    _check_chunks(chunk_size, vocab_chunk)
+    t2 = targets.long().reshape(hidden.shape[0], -1)  # (N, K)
+    logp, ent = _FusedLogprobs.apply(
+        hidden, weight, bias, t2, float(temperature), int(chunk_size), int(vocab_chunk), bool(with_entropy)
+    )
+    return logp.reshape(targets.shape), (ent if with_entropy else None)
+
+
+def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, chunk_size=1024, with_entropy=False):
+    """Reference for `fused_logprobs`: full fp32 (N, V) logits -> log_softmax -> gather.
+    `chunk_size` is accepted for signature compatibility and ignored."""
+    z = hidden.float() @ weight.float().t()  # (N, V)
+    if bias is not None:
+        z = z + bias.float()
+    logp_all = (z / temperature).log_softmax(-1)  # (N, V)
+    t2 = targets.long().reshape(hidden.shape[0], -1)
+    logp = logp_all.gather(1, t2).reshape(targets.shape)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, ent
+
+
+# ----------------------------------------------------------------------------------
+# 2. Full-vocabulary forward KL(pi_ref || pi_theta)  (ASFT)
+# ----------------------------------------------------------------------------------
+class _FullVocabKL(torch.autograd.Function):
+    """KL(p_ref || p) = sum_v p_ref,v (log p_ref,v - log p_v) per token, temperature 1.
+
+    Forward, block by block: with block-local distributions p^b, p_ref^b and block
+    masses w_b = exp(lse_b - lse), w^ref_b likewise, the chain rule of KL gives
+
+        KL = sum_b w^ref_b [ KL(p_ref^b || p^b) + log w^ref_b - log w_b ].
+
+    Backward (the reference is a constant):  dKL/dz_v = p_v - p_ref,v.
+    Both tiles are recomputed, so this kernel costs 6 matmul passes per element
+    (forward 2, backward 2 recomputes + 2 gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, chunk_size, vocab_chunk):
+        with _no_autocast(hidden):
+            N, V = hidden.shape[0], weight.shape[0]
+            dev = hidden.device
+            nb = -(-V // vocab_chunk)
+            kl = torch.empty(N, dtype=torch.float32, device=dev)
+            lse = torch.empty(N, dtype=torch.float32, device=dev)
+            lse_ref = torch.empty(N, dtype=torch.float32, device=dev)
+            rows, cols = min(chunk_size, N), min(vocab_chunk, V)
+            buf = _tile_buffer(rows, cols, dev)
+            buf_ref = _tile_buffer(rows, cols, dev)
+
+            for c0, c1 in _spans(N, chunk_size):
+                n = c1 - c0
+                x = hidden[c0:c1].float()  # (n, d)
+                x_ref = ref_hidden[c0:c1].float()  # (n, d_ref)
+                stats = torch.empty(3, nb, n, dtype=torch.float32, device=dev)
+                lse_b, lse_ref_b, kl_b = stats[0], stats[1], stats[2]
+                for b, (v0, v1) in enumerate(_spans(V, vocab_chunk)):
+                    z, _ = _logits_block(buf, x, weight, bias, v0, v1, 1.0)
+                    z_ref, _ = _logits_block(buf_ref, x_ref, ref_weight, ref_bias, v0, v1, 1.0)
+                    lse_b[b] = _log_softmax_(z)  # z <- log p^b
+                    lse_ref_b[b] = _log_softmax_(z_ref)  # z_ref <- log p_ref^b
+                    torch.sub(z_ref, z, out=z)  # z <- log p_ref^b - log p^b
+                    kl_b[b] = _rowdot_(z_ref.exp_(), z)  # KL(p_ref^b || p^b)
+                lse_c, _ = _merge_blocks(lse_b)
+                lse_ref_c, _ = _merge_blocks(lse_ref_b)
+                log_w = lse_b - lse_c  # (nb, n)
+                log_w_ref = lse_ref_b - lse_ref_c
+                kl[c0:c1] = (log_w_ref.exp() * (kl_b + log_w_ref - log_w)).sum(0)
+                lse[c0:c1] = lse_c
+                lse_ref[c0:c1] = lse_ref_c
+
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, lse_ref)
+        ctx.cfg = (chunk_size, vocab_chunk)
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, lse_ref = ctx.saved_tensors
+        chunk_size, vocab_chunk = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, d = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        dh = torch.empty(N, d, **f32) if need_h else None
+        dW = torch.zeros(V, d, **f32) if need_w else None
+        db = torch.zeros(V, **f32) if need_b else None
+
+        with _no_autocast(hidden):
+            rows, cols = min(chunk_size, N), min(vocab_chunk, V)
+            buf = _tile_buffer(rows, cols, dev)
+            buf_ref = _tile_buffer(rows, cols, dev)
+            for c0, c1 in _spans(N, chunk_size):
+                n = c1 - c0
+                h = hidden[c0:c1].float()
+                x_ref = ref_hidden[c0:c1].float()
+                g = g_kl[c0:c1].float()  # (n,)
+                h_scaled = h * g[:, None]  # upstream grad folded into the (n x d) operand
+                acc = torch.zeros(n, d, **f32)
+                for v0, v1 in _spans(V, vocab_chunk):
+                    z, w_blk = _logits_block(buf, h, weight, bias, v0, v1, 1.0)
+                    z_ref, _ = _logits_block(buf_ref, x_ref, ref_weight, ref_bias, v0, v1, 1.0)
+                    z.sub_(lse[c0:c1, None]).exp_()  # p
+                    z_ref.sub_(lse_ref[c0:c1, None]).exp_()  # p_ref
+                    z.sub_(z_ref)  # p - p_ref   (n, w)
+                    if need_h:
+                        acc.addmm_(z, w_blk)
+                    if need_w:
+                        dW[v0:v1].addmm_(z.t(), h_scaled)
+                    if need_b:
+                        db[v0:v1].addmv_(z.t(), g)
+                if need_h:
+                    dh[c0:c1] = acc.mul_(g[:, None])
+
+        grad_h = dh.to(hidden.dtype) if need_h else None
+        grad_w = dW.to(weight.dtype) if need_w else None
+        grad_b = db.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def full_vocab_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    vocab_chunk_size: int | None = None,
+):
+    """Per-token forward KL(pi_ref || pi_theta) over the whole vocabulary, (N,) float32.
+
+    pi_theta = softmax(hidden W^T + bias), pi_ref = softmax(ref_hidden ref_W^T + ref_bias)
+    (temperature 1; the two may have different hidden sizes but share V).  Gradients
+    flow to hidden, weight and bias; the reference side is a constant (never gets a
+    gradient, even if its tensors require one).  dKL/dz = p_theta - p_ref.
+    """
+    _check_head(hidden, weight, bias)
+    _check_head(ref_hidden, ref_weight, ref_bias)
+    _check_rows("ref_hidden", ref_hidden, hidden.shape[0])
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"policy and reference vocabularies differ: {weight.shape[0]} vs {ref_weight.shape[0]}")
+    vocab_chunk = vocab_chunk_size or _default_vocab_chunk(hidden.device)
+    _check_chunks(chunk_size, vocab_chunk)
+    return _FullVocabKL.apply(
+        hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(), int(chunk_size), int(vocab_chunk),
+    )
+
+
+def naive_full_vocab_kl(hidden, weight, ref_hidden, ref_weight, bias=None, ref_bias=None, chunk_size=1024):
+    """Reference for `full_vocab_kl` with full fp32 (N, V) tensors."""
+    z = hidden.float() @ weight.float().t()
+    if bias is not None:
+        z = z + bias.float()
+    with torch.no_grad():
+        z_ref = ref_hidden.float() @ ref_weight.float().t()
+        if ref_bias is not None:
+            z_ref = z_ref + ref_bias.float()
+        logp_ref = z_ref.log_softmax(-1)
+    return (logp_ref.exp() * (logp_ref - z.log_softmax(-1))).sum(-1)
+
+
+# ----------------------------------------------------------------------------------
+# 3. Closed-form expected reward-weighted log-likelihood (OTR)
+# ----------------------------------------------------------------------------------
+class _ExpectedRewardLogprob(torch.autograd.Function):
+    """out = sum_a w(a) log p(a),  p = softmax(z),  q = sg(softmax(z / kappa)),
+    w(a) = beta q(a) for a != t,  w(t) = q(t);  i.e.  w = beta q + (1 - beta) q_t 1[a = t].
+
+        out = beta sum_a q_a log p_a + (1 - beta) q_t log p_t
+        d out / dz = w - S p,   S = sum_a w_a = beta + (1 - beta) q_t.
+
+    Forward per block: sum_{a in b} q_a log p_a = wq_b (C_b + lse_b - lse), with
+    C_b = sum q^b log p^b over the block-local distributions and wq_b the q-mass of
+    the block; no (N, V) tensor and no large cancellations.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, kappa, beta, chunk_size, vocab_chunk):
+        # hidden (N, d) ; weight (V, d) ; targets (N,) long
+        with _no_autocast(hidden):
+            N, V = hidden.shape[0], weight.shape[0]
+            dev = hidden.device
+            nb = -(-V // vocab_chunk)
+            out = torch.empty(N, dtype=torch.float32, device=dev)
+            lse = torch.empty(N, dtype=torch.float32, device=dev)
+            lse_q = torch.empty(N, dtype=torch.float32, device=dev)
+            q_t = torch.empty(N, dtype=torch.float32, device=dev)
+            rows, cols = min(chunk_size, N), min(vocab_chunk, V)
+            buf = _tile_buffer(rows, cols, dev)
+            buf_q = _tile_buffer(rows, cols, dev)
+
+            for c0, c1 in _spans(N, chunk_size):
+                n = c1 - c0
+                x = hidden[c0:c1].float()
+                t = targets[c0:c1, None]  # (n, 1)
+                z_t = torch.zeros(n, 1, dtype=torch.float32, device=dev)
+                stats = torch.empty(3, nb, n, dtype=torch.float32, device=dev)
+                lse_b, lse_q_b, c_b = stats[0], stats[1], stats[2]
+                for b, (v0, v1) in enumerate(_spans(V, vocab_chunk)):
+                    z, _ = _logits_block(buf, x, weight, bias, v0, v1, 1.0)
+                    z_t += _gather_block(z, t, v0, v1)
+                    zq = torch.mul(z, 1.0 / kappa, out=buf_q[: z.numel()].view_as(z))  # z / kappa
+                    lse_b[b] = _log_softmax_(z)  # z <- log p^b
+                    lse_q_b[b] = _log_softmax_(zq)  # zq <- log q^b
+                    c_b[b] = _rowdot_(zq.exp_(), z)  # C_b = sum q^b log p^b
+                lse_c, _ = _merge_blocks(lse_b)
+                lse_q_c, _ = _merge_blocks(lse_q_b)
+                e_q_logp = ((lse_q_b - lse_q_c).exp() * (c_b + lse_b - lse_c)).sum(0)  # sum_a q_a log p_a
+                z_t = z_t[:, 0]
+                logp_t = z_t - lse_c
+                qt = (z_t / kappa - lse_q_c).exp()
+                out[c0:c1] = beta * e_q_logp + (1.0 - beta) * qt * logp_t
+                lse[c0:c1], lse_q[c0:c1], q_t[c0:c1] = lse_c, lse_q_c, qt
+
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_q, q_t)
+        ctx.cfg = (kappa, beta, chunk_size, vocab_chunk)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):
+        hidden, weight, bias, targets, lse, lse_q, q_t = ctx.saved_tensors
+        kappa, beta, chunk_size, vocab_chunk = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, d = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        dh = torch.empty(N, d, **f32) if need_h else None
+        dW = torch.zeros(V, d, **f32) if need_w else None
+        db = torch.zeros(V, **f32) if need_b else None
+
+        with _no_autocast(hidden):
+            rows, cols = min(chunk_size, N), min(vocab_chunk, V)
+            buf = _tile_buffer(rows, cols, dev)
+            buf_q = _tile_buffer(rows, cols, dev)
+            for c0, c1 in _spans(N, chunk_size):
+                n = c1 - c0
+                h = hidden[c0:c1].float()
+                t = targets[c0:c1]
+                g = g_out[c0:c1].float()  # (n,)
+                qt = q_t[c0:c1]
+                s_col = (beta + (1.0 - beta) * qt)[:, None]  # S = sum_a w_a
+                h_scaled = h * g[:, None]
+                acc = torch.zeros(n, d, **f32)
+                for v0, v1 in _spans(V, vocab_chunk):
+                    z, w_blk = _logits_block(buf, h, weight, bias, v0, v1, 1.0)
+                    q = torch.mul(z, 1.0 / kappa, out=buf_q[: z.numel()].view_as(z))
+                    q.sub_(lse_q[c0:c1, None]).exp_()  # q
+                    z.sub_(lse[c0:c1, None]).exp_()  # p
+                    z.mul_(s_col).neg_().add_(q, alpha=beta)  # beta q - S p   (n, w)
+                    if need_h:
+                        acc.addmm_(z, w_blk)
+                    if need_w:
+                        dW[v0:v1].addmm_(z.t(), h_scaled)
+                    if need_b:
+                        db[v0:v1].addmv_(z.t(), g)
+                acc.mul_(g[:, None])
+                # one-hot part (1 - beta) q_t at the target column
+                coef = g * (1.0 - beta) * qt  # (n,)
+                if need_h:
+                    acc += coef[:, None] * weight[t].float()
+                    dh[c0:c1] = acc
+                if need_w:
+                    dW.index_add_(0, t, coef[:, None] * h)
+                if need_b:
+                    db.index_add_(0, t, coef)
+
+        grad_h = dh.to(hidden.dtype) if need_h else None
+        grad_w = dW.to(weight.dtype) if need_w else None
+        grad_b = db.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def expected_reward_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    kappa: float,
+    beta: float,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    vocab_chunk_size: int | None = None,
+):
+    """OTR's exact expectation  sum_a w(a) log pi_theta(a),  (N,) float32.
+
+    q = softmax(logits / kappa) without gradient; reward 1 at the ground-truth token
+    and beta elsewhere: w(a) = beta q(a) for a != target, w(target) = q(target).
+    log pi_theta is at temperature 1 and carries the gradient
+    (d/dz = w - (sum_a w_a) p).  With kappa = 1 the beta-part has zero gradient
+    (sum_a sg(p_a) grad log p_a = 0), so the gradient is (1 - beta) times that of the
+    DFT term sg(p_t) log p_t.
+    """
+    _check_head(hidden, weight, bias)
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be (N,), got shape {tuple(targets.shape)}")
+    _check_rows("targets", targets, hidden.shape[0])
+    _check_targets(targets, weight.shape[0])
+    if kappa <= 0:
+        raise ValueError(f"kappa must be positive, got {kappa}")
+    vocab_chunk = vocab_chunk_size or _default_vocab_chunk(hidden.device)
+    _check_chunks(chunk_size, vocab_chunk)
+    return _ExpectedRewardLogprob.apply(
+        hidden, weight, bias, targets.long(), float(kappa), float(beta), int(chunk_size), int(vocab_chunk)
+    )
+
+
+def naive_expected_reward_logprob(hidden, weight, targets, kappa, beta, bias=None, chunk_size=1024):
+    """Reference for `expected_reward_logprob` with full fp32 (N, V) tensors."""
+    z = hidden.float() @ weight.float().t()
+    if bias is not None:
+        z = z + bias.float()
+    q = (z.detach() / kappa).softmax(-1)  # (N, V), no gradient
+    w = beta * q
+    w = w.scatter(1, targets.long()[:, None], q.gather(1, targets.long()[:, None]))
+    return (w * z.log_softmax(-1)).sum(-1)
+
+
+# ----------------------------------------------------------------------------------
+# 4. Sampling tokens from softmax(z / kappa), chunk by chunk (OTR)
+# ----------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_tokens(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    num_samples: int,
+    kappa: float = 1.0,
+    bias: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+):
+    """Draw `num_samples` tokens per position, i.i.d. with replacement, from
+    softmax((h W^T + b) / kappa).  Returns (N, K) long; no gradient.
+
+    Rows are processed `chunk_size` at a time with full-vocabulary fp32 rows
+    (one (chunk_size x V) buffer, reused), so (N, V) is never built.  Uses
+    `torch.multinomial(..., generator=generator)`: a seeded generator reproduces the
+    draws for the same inputs and chunk size.
+    """
+    _check_head(hidden, weight, bias)
+    if kappa <= 0:
+        raise ValueError(f"kappa must be positive, got {kappa}")
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_chunks(chunk_size, 1)
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    out = torch.empty(N, int(num_samples), dtype=torch.long, device=dev)
+    inv_k = 1.0 / kappa
+    buf = _tile_buffer(min(chunk_size, N), V, dev)
+    with _no_autocast(hidden):
+        for c0, c1 in _spans(N, chunk_size):
+            x = hidden[c0:c1].float() * inv_k
+            z, _ = _logits_block(buf, x, weight, bias, 0, V, inv_k)  # (n, V)
+            torch.softmax(z, -1, out=z)
+            out[c0:c1] = torch.multinomial(z, int(num_samples), replacement=True, generator=generator)
+    return out
+
+
+@torch.no_grad()
+def naive_sample_tokens(hidden, weight, num_samples, kappa=1.0, bias=None, generator=None, chunk_size=1024):
+    """Reference for `sample_tokens`: multinomial on the full (N, V) softmax."""
+    z = hidden.float() @ weight.float().t()
+    if bias is not None:
+        z = z + bias.float()
+    return torch.multinomial((z / kappa).softmax(-1), int(num_samples), replacement=True, generator=generator)
+
+
+# ----------------------------------------------------------------------------------
+# 5. Model level: run the transformer body once, the fused head on selected rows
+# ----------------------------------------------------------------------------------
+_UNFUSABLE_LOGIT_FEATURES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def _unfusable_reason(config) -> str | None:
+    """Why logits are not plain `lm_head(hidden)` for this config, or None.
+
+    Soft-capping (Gemma 2/3) and logit scalings (Cohere `logit_scale`, Granite
+    `logits_scaling`, ...) are applied in the CausalLM forward after lm_head; their
+    meaning differs between model families, so we do not guess and fall back.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _UNFUSABLE_LOGIT_FEATURES:
+        value = getattr(cfg, name, None)
+        if value is None or (name != "final_logit_softcapping" and value == 1):
+            continue
+        return f"{name}={value}"
+    return None
+
+
+def target_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices b * L + i of the tokens to score, in row-major order, (N,) long.
+
+    Token i (loss_mask[b, i] == 1, i >= 1) is predicted by the hidden state at i - 1,
+    whose flat index is therefore this index minus one.  loss_mask[:, 0] is ignored:
+    the first token has no prefix.  One `nonzero` (one host sync) per call.
+    """
+    if loss_mask.dim() != 2:
+        raise ValueError(f"loss_mask must be (B, L), got shape {tuple(loss_mask.shape)}")
+    sel = loss_mask.bool().clone()
+    sel[:, 0] = False
+    return sel.reshape(-1).nonzero().squeeze(1)
+
+
+def default_position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Position ids that skip padding: cumsum(mask) - 1 (0 on pads), as HF `generate`
+    does.  Left-padded rollouts then get the same positions as during sampling;
+    for right padding this equals arange on the real tokens."""
+    if attention_mask is None:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _decoder_hidden(lm, input_ids, attention_mask, position_ids):
+    """Last hidden states (B, L, d) of the transformer body (final norm included)."""
+    out = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def response_hidden(lm, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
+    """Hidden states (N, d) that predict the loss_mask tokens, in `FusedLM` order.
+
+    For a frozen reference model call it under `torch.no_grad()`; pair it with the
+    reference's `get_output_embeddings()` weight in `full_vocab_kl`.
+    """
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+    pos = target_positions(loss_mask)
+    hidden = _decoder_hidden(lm, input_ids, attention_mask, position_ids)  # (B, L, d)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos - 1)
+
+
+def _scatter_rows(values: torch.Tensor, pos: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """(N, ...) -> (B, L, ...) with values at flat positions `pos`, zeros elsewhere
+    (out-of-place `index_copy`, so gradients flow back to `values`)."""
+    full = values.new_zeros((B * L,) + tuple(values.shape[1:]))
+    return full.index_copy(0, pos, values).view((B, L) + tuple(values.shape[1:]))
+
+
+HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], dict]
+
+
+class FusedLM(torch.nn.Module):
+    """A causal LM whose forward returns per-token log-probs without (B, L, V) logits.
+
+    forward(input_ids, attention_mask, loss_mask, temperature=1.0, with_entropy=False,
+            head=None, position_ids=None) -> dict
+
+    * input_ids, attention_mask, loss_mask: (B, L).  The body `lm.get_decoder()` runs
+      once; the rows that predict a loss_mask token (i >= 1) go through the fused head
+      with the output embedding's weight (the shared embedding when tied) and bias.
+    * Default result: {"logp": (B, L), "entropy": (B, L) or None}, float32, aligned
+      with TOKENS: logp[b, i] = log p(input_ids[b, i] | input_ids[b, :i]) at the given
+      temperature where loss_mask[b, i] == 1 (i >= 1), 0 elsewhere.
+    * head(h (N, d), weight (V, d), bias (V,) | None, targets (N,)) -> dict replaces the
+      default head (e.g. sample_tokens + fused_logprobs with (N, K) targets, or
+      expected_reward_logprob, or full_vocab_kl against `response_hidden` of a
+      reference).  Every returned tensor with N rows is scattered to (B, L, ...);
+      anything else is returned as is.  `temperature` / `with_entropy` only affect the
+      default head.
+    * position_ids default to `default_position_ids(attention_mask)`.
+
+    Wrap this module (not `lm`) in DDP / FSDP2 so the head runs inside the wrapped
+    forward.  If the config applies soft-capping or a logit scale after lm_head, the
+    forward falls back to `lm(...)` logits with a per-chunk fp32 log-softmax (and a
+    warning); `head=` is then unavailable.
+    """
+
+    def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024, vocab_chunk_size: int | None = None):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = int(chunk_size)
+        self.vocab_chunk_size = vocab_chunk_size
+        self.unfused_reason = _unfusable_reason(lm.config)
+        if lm.get_output_embeddings() is None:
+            raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head)")
+
+    def hidden_for(self, input_ids, attention_mask, loss_mask, position_ids=None):
+        """`response_hidden` of the wrapped model."""
+        return response_hidden(self.lm, input_ids, attention_mask, loss_mask, position_ids)
+
+    def generate(self, *args, **kwargs):
+        """Convenience pass-through to the wrapped model's `generate`."""
+        return self.lm.generate(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        head: HeadFn | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> dict:
+        if input_ids.shape != loss_mask.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} differ")
+        B, L = input_ids.shape
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        pos = target_positions(loss_mask)  # (N,) flat token indices
+        targets = input_ids.reshape(-1).index_select(0, pos)  # (N,)
+
+        if self.unfused_reason is not None:
+            if head is not None:
+                raise NotImplementedError(
+                    f"head= needs the fused path, which is off for this model ({self.unfused_reason})"
+                )
+            return self._unfused_forward(input_ids, attention_mask, position_ids, pos, targets, temperature,
+                                         with_entropy)
+
+        hidden = _decoder_hidden(self.lm, input_ids, attention_mask, position_ids)  # (B, L, d)
+        h = hidden.reshape(B * L, -1).index_select(0, pos - 1)  # (N, d): row i-1 predicts token i
+        out_emb = self.lm.get_output_embeddings()
+        weight, bias = out_emb.weight, getattr(out_emb, "bias", None)
+        if head is None:
+            logp, ent = fused_logprobs(h, weight, targets, bias, temperature, self.chunk_size, with_entropy,
+                                       self.vocab_chunk_size)
+            result = {"logp": logp, "entropy": ent}
+        else:
+            result = head(h, weight, bias, targets)
+        n = pos.shape[0]
+        return {
+            k: _scatter_rows(v, pos, B, L) if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v
+            for k, v in result.items()
+        }
+
+    def _unfused_forward(self, input_ids, attention_mask, position_ids, pos, targets, temperature, with_entropy):
+        """Full logits from `lm(...)`, then fp32 log-softmax chunk by chunk of rows."""
+        warnings.warn(
+            f"FusedLM: fused log-probs are off for this model ({self.unfused_reason} is applied after lm_head); "
+            "using full logits from lm(...), which needs (B, L, V) memory.",
+            stacklevel=3,
+        )
+        B, L = input_ids.shape
+        logits = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits  # (B, L, V)
+        rows = logits.reshape(B * L, -1).index_select(0, pos - 1)  # (N, V)
+        logps, ents = [], []
+        for c0, c1 in _spans(rows.shape[0], self.chunk_size):
+            logp_all = (rows[c0:c1].float() / temperature).log_softmax(-1)  # (n, V) fp32
+            logps.append(logp_all.gather(1, targets[c0:c1, None])[:, 0])
+            if with_entropy:
+                ents.append(-(logp_all.exp() * logp_all).sum(-1))
+        logp = torch.cat(logps) if logps else rows.new_zeros(0, dtype=torch.float32)
+        ent = (torch.cat(ents) if ents else rows.new_zeros(0, dtype=torch.float32)) if with_entropy else None
+        return {
+            "logp": _scatter_rows(logp, pos, B, L),
+            "entropy": _scatter_rows(ent, pos, B, L) if with_entropy else None,
+        }
