@@ -355,7 +355,7 @@ def fused_logprobs(
     _check_targets(targets, weight.shape[0])
     vocab_chunk = vocab_chunk_size or _default_vocab_chunk(hidden.device)
     _check_chunks(chunk_size, vocab_chunk)
-    t2 = targets.long().reshape(hidden.shape[0], -1)  # (N, K)
+    t2 = (targets[:, None] if targets.dim() == 1 else targets).long()  # (N, K)
     logp, ent = _FusedLogprobs.apply(
         hidden, weight, bias, t2, float(temperature), int(chunk_size), int(vocab_chunk), bool(with_entropy)
     )
@@ -369,7 +369,7 @@ def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, chunk_si
     if bias is not None:
         z = z + bias.float()
     logp_all = (z / temperature).log_softmax(-1)  # (N, V)
-    t2 = targets.long().reshape(hidden.shape[0], -1)
+    t2 = (targets[:, None] if targets.dim() == 1 else targets).long()
     logp = logp_all.gather(1, t2).reshape(targets.shape)
     ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logp, ent

@@ -1,0 +1,446 @@
+"""kernels/logprob.py: fused kernels vs naive fp32 twins (values and gradients),
+FusedLM vs plain Hugging Face logits, DDP / FSDP2 vs a single process, bench smoke test."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from kernels.logprob import (  # noqa: E402
+    FusedLM,
+    default_position_ids,
+    expected_reward_logprob,
+    full_vocab_kl,
+    fused_logprobs,
+    naive_expected_reward_logprob,
+    naive_full_vocab_kl,
+    naive_logprobs,
+    naive_sample_tokens,
+    response_hidden,
+    sample_tokens,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|  (b is the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def make_head(N, d, V, dtype=torch.float32, bias=True, seed=0, scale=1.0):
+    """Random hidden (N, d), weight (V, d), bias (V,) with logits of a few units."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=g) * scale / math.sqrt(d) * 2).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    return h, w, b
+
+
+def grads_of(outputs, upstream, params):
+    """Gradients of sum_i <outputs_i, upstream_i> w.r.t. the non-None params."""
+    loss = sum((o * u).sum() for o, u in zip(outputs, upstream) if o is not None)
+    live = [p for p in params if p is not None]
+    return torch.autograd.grad(loss, live)
+
+
+# ----------------------------------------------------------------------------------
+# fused_logprobs
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "N,K,chunk,vchunk,T,with_entropy,bias",
+    [
+        (50, 1, 7, 17, 1.0, False, True),  # N not a multiple of the chunk, V not of the vocab block
+        (50, 1, 33, 64, 0.7, True, True),
+        (50, 3, 7, 101, 1.3, True, False),  # K > 1 targets, one vocabulary block
+        (64, 2, 1024, 30, 1.0, True, True),  # one token chunk
+        (1, 1, 7, 17, 0.7, True, True),  # a single token
+    ],
+)
+def test_fused_logprobs_matches_naive(N, K, chunk, vchunk, T, with_entropy, bias):
+    d, V = 24, 101
+    h, w, b = make_head(N, d, V, bias=bias)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, V, (N, K) if K > 1 else (N,), generator=g)
+    up_logp = torch.randn(t.shape, generator=g)
+    up_ent = torch.randn(N, generator=g)
+    lp_f, ent_f = fused_logprobs(h, w, t, b, T, chunk, with_entropy, vocab_chunk_size=vchunk)
+    lp_n, ent_n = naive_logprobs(h, w, t, b, T, with_entropy=with_entropy)
+    assert lp_f.shape == t.shape and lp_f.dtype == torch.float32
+    assert rel_err(lp_f, lp_n) < 1e-5
+    if with_entropy:
+        assert ent_f.shape == (N,) and rel_err(ent_f, ent_n) < 1e-5
+    else:
+        assert ent_f is None
+    params = (h, w, b)
+    gf = grads_of((lp_f, ent_f), (up_logp, up_ent), params)
+    gn = grads_of((lp_n, ent_n), (up_logp, up_ent), params)
+    for a, c in zip(gf, gn):
+        assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["logp_only", "entropy_only"])
+def test_fused_logprobs_one_output_used(which):
+    """Gradient paths where one of the two outputs gets no upstream gradient."""
+    N, d, V = 40, 16, 77
+    h, w, b = make_head(N, d, V, seed=3)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    up = torch.randn(N, generator=torch.Generator().manual_seed(4))
+    out_f = fused_logprobs(h, w, t, b, 0.8, 9, True, vocab_chunk_size=20)
+    out_n = naive_logprobs(h, w, t, b, 0.8, with_entropy=True)
+    i = 0 if which == "logp_only" else 1
+    gf = torch.autograd.grad((out_f[i] * up).sum(), (h, w, b))
+    gn = torch.autograd.grad((out_n[i] * up).sum(), (h, w, b))
+    for a, c in zip(gf, gn):
+        assert rel_err(a, c) < 1e-5
+
+
+def test_fused_logprobs_frozen_weight_and_default_chunks():
+    """Only hidden requires grad (e.g. a frozen head); default chunk sizes."""
+    N, d, V = 30, 16, 50
+    h, w, b = make_head(N, d, V, seed=5)
+    w = w.detach()
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(0))
+    lp_f, _ = fused_logprobs(h, w, t)
+    lp_n, _ = naive_logprobs(h, w, t)
+    (gf,) = torch.autograd.grad(lp_f.sum(), h)
+    (gn,) = torch.autograd.grad(lp_n.sum(), h)
+    assert rel_err(lp_f, lp_n) < 1e-5 and rel_err(gf, gn) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_logprobs_half_inputs(dtype):
+    """bf16 / fp16 inputs: fp32 math inside; compare with fp32 naive on the same rounded
+    inputs.  Values agree to fp32 precision; gradients are returned in the input dtype,
+    so they agree to its rounding (looser tolerance)."""
+    N, d, V = 45, 32, 120
+    h, w, b = make_head(N, d, V, dtype=dtype, seed=6)
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, V, (N, 2), generator=g)
+    up_logp, up_ent = torch.randn(N, 2, generator=g), torch.randn(N, generator=g)
+    lp_f, ent_f = fused_logprobs(h, w, t, b, 0.7, 16, True, vocab_chunk_size=50)
+    lp_n, ent_n = naive_logprobs(h, w, t, b, 0.7, with_entropy=True)
+    assert lp_f.dtype == torch.float32 and ent_f.dtype == torch.float32
+    assert rel_err(lp_f, lp_n) < 1e-5 and rel_err(ent_f, ent_n) < 1e-5
+    gf = grads_of((lp_f, ent_f), (up_logp, up_ent), (h, w, b))
+    gn = grads_of((lp_n, ent_n), (up_logp, up_ent), (h, w, b))
+    for a, c in zip(gf, gn):
+        assert a.dtype == dtype
+        assert rel_err(a, c) < 1e-2
+
+
+def test_fused_logprobs_under_autocast():
+    """An outer autocast must not push the kernel's matmuls to bf16."""
+    N, d, V = 20, 16, 40
+    h, w, b = make_head(N, d, V, seed=8)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp_f, _ = fused_logprobs(h, w, t, b)
+    lp_n, _ = naive_logprobs(h, w, t, b)
+    assert rel_err(lp_f, lp_n) < 1e-5
+
+
+def test_fused_logprobs_bad_inputs():
+    h, w, b = make_head(4, 8, 10)
+    with pytest.raises(ValueError, match="targets must have 4 rows"):
+        fused_logprobs(h, w, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_logprobs(h, w[:, :5], torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        fused_logprobs(h, w, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="outside"):
+        fused_logprobs(h, w, torch.full((4,), 10, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------
+# full_vocab_kl
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk,vchunk,bias", [(7, 17, True), (33, 64, False), (1024, 1000, True)])
+def test_full_vocab_kl_matches_naive(chunk, vchunk, bias):
+    N, d, d_ref, V = 50, 24, 20, 101
+    h, w, b = make_head(N, d, V, bias=bias, seed=10)
+    rh, rw, rb = make_head(N, d_ref, V, bias=bias, seed=11)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(12))
+    kl_f = full_vocab_kl(h, w, rh, rw, b, rb, chunk, vocab_chunk_size=vchunk)
+    kl_n = naive_full_vocab_kl(h, w, rh, rw, b, rb)
+    assert kl_f.shape == (N,) and (kl_f >= -1e-6).all()
+    assert rel_err(kl_f, kl_n) < 1e-5
+    params = (h, w, b)
+    gf = grads_of((kl_f,), (up,), params)
+    gn = grads_of((kl_n,), (up,), params)
+    for a, c in zip(gf, gn):
+        assert rel_err(a, c) < 1e-5
+    # the reference side is a constant even if its tensors require grad
+    assert kl_f.grad_fn is not None
+    assert torch.autograd.grad(kl_f.sum(), rh, allow_unused=True)[0] is None
+
+
+def test_full_vocab_kl_zero_for_identical_models():
+    h, w, b = make_head(20, 16, 60, seed=13)
+    kl = full_vocab_kl(h, w, h.detach(), w.detach(), b, b.detach(), 7, vocab_chunk_size=13)
+    assert kl.abs().max().item() < 1e-6
+    (gh,) = torch.autograd.grad(kl.sum(), h)  # grad = p - p_ref = 0 at the minimum
+    assert gh.abs().max().item() < 1e-6
+
+
+# ----------------------------------------------------------------------------------
+# expected_reward_logprob (OTR)
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kappa,beta,chunk,vchunk", [(1.0, 0.3, 7, 17), (0.5, 0.0, 33, 64), (2.0, 1.0, 8, 101),
+                                                      (1.5, -0.5, 1024, 40)])
+def test_expected_reward_logprob_matches_naive(kappa, beta, chunk, vchunk):
+    N, d, V = 50, 24, 101
+    h, w, b = make_head(N, d, V, seed=20)
+    g = torch.Generator().manual_seed(21)
+    t = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g)
+    out_f = expected_reward_logprob(h, w, t, kappa, beta, b, chunk, vocab_chunk_size=vchunk)
+    out_n = naive_expected_reward_logprob(h, w, t, kappa, beta, b)
+    assert out_f.shape == (N,) and rel_err(out_f, out_n) < 1e-5
+    gf = grads_of((out_f,), (up,), (h, w, b))
+    gn = grads_of((out_n,), (up,), (h, w, b))
+    for a, c in zip(gf, gn):
+        assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.9])
+def test_expected_reward_logprob_kappa1_is_scaled_dft_gradient(beta):
+    """With kappa = 1, sum_a sg(p_a) grad log p_a = 0, so the gradient is (1 - beta)
+    times that of the DFT term sg(p_t) log p_t."""
+    N, d, V = 30, 16, 64
+    h, w, b = make_head(N, d, V, seed=22)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(23))
+    out = expected_reward_logprob(h, w, t, 1.0, beta, b, 7, vocab_chunk_size=20)
+    g_otr = torch.autograd.grad(out.sum(), (h, w, b))
+    lp, _ = fused_logprobs(h, w, t, b, 1.0, 7, vocab_chunk_size=20)
+    dft = (lp.detach().exp() * lp).sum()
+    g_dft = torch.autograd.grad(dft, (h, w, b))
+    for a, c in zip(g_otr, g_dft):
+        assert rel_err(a, (1 - beta) * c) < 1e-5
+
+
+# ----------------------------------------------------------------------------------
+# sample_tokens
+# ----------------------------------------------------------------------------------
+# Critical value of the chi-square distribution with 9 degrees of freedom at p = 0.001
+# (scipy.stats.chi2.ppf(0.999, 9) = 27.877).  The draws are seeded, so the test is
+# deterministic; a wrong distribution (e.g. kappa ignored) gives statistics in the thousands.
+CHI2_9_CRIT = 27.877
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.6, 1.7])
+def test_sample_tokens_chi_square(kappa):
+    N, d, V, K = 5, 8, 10, 10000
+    h, w, b = make_head(N, d, V, seed=30, scale=0.3)
+    gen = torch.Generator().manual_seed(31)
+    draws = sample_tokens(h, w, K, kappa, b, generator=gen, chunk_size=2)  # 3 chunks
+    assert draws.shape == (N, K) and draws.dtype == torch.long and not draws.requires_grad
+    with torch.no_grad():
+        probs = ((h @ w.t() + b) / kappa).softmax(-1).double()  # (N, V)
+    for i in range(N):
+        observed = torch.bincount(draws[i], minlength=V).double()
+        expected = probs[i] * K
+        assert expected.min() > 5  # chi-square approximation valid
+        stat = ((observed - expected) ** 2 / expected).sum().item()
+        assert stat < CHI2_9_CRIT, f"row {i}: chi2 = {stat:.1f}"
+    # wrong kappa is detected by the same statistic
+    wrong = ((h @ w.t() + b) / (kappa * 3)).softmax(-1).double().detach()
+    stats = [(((torch.bincount(draws[i], minlength=V) - wrong[i] * K) ** 2) / (wrong[i] * K)).sum().item()
+             for i in range(N)]
+    assert max(stats) > CHI2_9_CRIT
+
+
+def test_sample_tokens_reproducible_and_naive_twin():
+    N, d, V = 12, 8, 30
+    h, w, b = make_head(N, d, V, seed=32)
+    a = sample_tokens(h, w, 6, 0.9, b, generator=torch.Generator().manual_seed(5), chunk_size=5)
+    c = sample_tokens(h, w, 6, 0.9, b, generator=torch.Generator().manual_seed(5), chunk_size=5)
+    assert torch.equal(a, c)
+    assert ((a >= 0) & (a < V)).all()
+    n = naive_sample_tokens(h, w, 6, 0.9, b, generator=torch.Generator().manual_seed(5))
+    assert n.shape == a.shape
+
+
+# ----------------------------------------------------------------------------------
+# FusedLM on tiny Hugging Face models
+# ----------------------------------------------------------------------------------
+def tiny_qwen2(tied=True, bias=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    if bias:  # a head with a bias (no HF Qwen2 has one): replace lm_head
+        head = torch.nn.Linear(32, 50, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(lm.lm_head.weight)
+            head.bias.normal_(0, 0.5)
+        lm.lm_head = head
+    return lm
+
+
+def batch(B=4, L=11, V=50, seed=0, left_pad=True):
+    """ids, attention_mask (right and left padding), loss_mask (a prompt of 3-4 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, 8:] = 0  # right padding
+    if left_pad:
+        am[2, :3] = 0  # left padding
+    lmask = am.clone()
+    lmask[:, :4] = 0  # prompt
+    lmask[3, 2:4] = 1  # a row whose loss starts earlier
+    lmask[0, 0] = 1  # position 0 must be ignored
+    return ids, am, lmask
+
+
+def reference(lm, ids, am, lmask, T=1.0):
+    """Token-aligned (B, L) log-probs and entropies from plain full logits."""
+    logits = lm(input_ids=ids, attention_mask=am, position_ids=default_position_ids(am)).logits.float() / T
+    logp_all = logits[:, :-1].log_softmax(-1)  # position i-1 predicts token i
+    logp = torch.zeros(ids.shape)
+    ent = torch.zeros(ids.shape)
+    m = lmask.clone().bool()
+    m[:, 0] = False
+    logp[:, 1:] = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    ent[:, 1:] = -(logp_all.exp() * logp_all).sum(-1)
+    return logp * m, ent * m
+
+
+@pytest.mark.parametrize("tied,bias,T", [(True, False, 1.0), (False, False, 0.7), (False, True, 1.3)])
+def test_fused_lm_matches_hf_logits(tied, bias, T):
+    ids, am, lmask = batch()
+    g = torch.Generator().manual_seed(9)
+    up_logp, up_ent = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
+
+    lm_ref = tiny_qwen2(tied, bias)
+    lp_r, ent_r = reference(lm_ref, ids, am, lmask, T)
+    ((lp_r * up_logp).sum() + (ent_r * up_ent).sum()).backward()
+
+    model = FusedLM(tiny_qwen2(tied, bias), chunk_size=7, vocab_chunk_size=16)
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight if tied else True
+    out = model(ids, am, lmask, temperature=T, with_entropy=True)
+    assert set(out) == {"logp", "entropy"}
+    assert out["logp"].shape == ids.shape and out["logp"].dtype == torch.float32
+    assert (out["logp"][:, 0] == 0).all() and (out["logp"][lmask == 0] == 0).all()
+    assert rel_err(out["logp"], lp_r) < 1e-5 and rel_err(out["entropy"], ent_r) < 1e-5
+    ((out["logp"] * up_logp).sum() + (out["entropy"] * up_ent).sum()).backward()
+    ref_params = dict(lm_ref.named_parameters())
+    for name, p in model.lm.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-4, name  # through 2 layers: fp32 noise ~1e-6
+
+
+def test_fused_lm_without_entropy_and_no_targets():
+    model = FusedLM(tiny_qwen2())
+    ids, am, lmask = batch(left_pad=False)
+    out = model(ids, am, lmask)
+    assert out["entropy"] is None
+    lp_r, _ = reference(model.lm, ids, am, lmask)
+    assert rel_err(out["logp"], lp_r) < 1e-5
+    empty = model(ids, am, torch.zeros_like(lmask), with_entropy=True)  # nothing to score
+    assert empty["logp"].shape == ids.shape and (empty["logp"] == 0).all()
+
+
+def test_fused_lm_head_hook_sampling_and_kl():
+    """head= runs custom kernels inside the forward: OTR-style sampled targets (N, K)
+    and an ASFT-style KL against a frozen reference's hidden states."""
+    ids, am, lmask = batch()
+    model = FusedLM(tiny_qwen2(tied=False, bias=True, seed=0))
+    ref_lm = tiny_qwen2(tied=True, seed=1).eval()
+    with torch.no_grad():
+        ref_h = response_hidden(ref_lm, ids, am, lmask)  # (N, d)
+    ref_w = ref_lm.get_output_embeddings().weight
+
+    def head(h, w, b, targets):
+        draws = sample_tokens(h, w, 3, kappa=0.8, bias=b, generator=torch.Generator().manual_seed(0))
+        lp_k, _ = fused_logprobs(h, w, draws, b)
+        kl = full_vocab_kl(h, w, ref_h, ref_w, b)
+        return {"draws": draws, "logp_k": lp_k, "kl": kl, "n": targets.shape[0]}
+
+    out = model(ids, am, lmask, head=head)
+    B, L = ids.shape
+    assert out["draws"].shape == (B, L, 3) and out["draws"].dtype == torch.long
+    assert out["logp_k"].shape == (B, L, 3) and out["kl"].shape == (B, L)
+    m = lmask.bool().clone()
+    m[:, 0] = False
+    assert out["n"] == int(m.sum())  # non-row outputs pass through
+
+    # reference from full logits of both models
+    logits = model.lm(input_ids=ids, attention_mask=am, position_ids=default_position_ids(am)).logits.float()
+    with torch.no_grad():
+        ref_logits = ref_lm(input_ids=ids, attention_mask=am, position_ids=default_position_ids(am)).logits.float()
+    lp_all, ref_all = logits[:, :-1].log_softmax(-1), ref_logits[:, :-1].log_softmax(-1)
+    kl_r = (ref_all.exp() * (ref_all - lp_all)).sum(-1) * m[:, 1:]
+    lpk_r = lp_all.gather(-1, out["draws"][:, 1:]) * m[:, 1:, None]
+    assert rel_err(out["kl"][:, 1:], kl_r) < 1e-5
+    assert rel_err(out["logp_k"][:, 1:], lpk_r) < 1e-5
+    assert (out["kl"][~m] == 0).all()
+    g_f = torch.autograd.grad(out["kl"].sum() + out["logp_k"].sum(), list(model.lm.parameters()))
+    g_r = torch.autograd.grad(kl_r.sum() + lpk_r.sum(), list(model.lm.parameters()))
+    for a, c in zip(g_f, g_r):
+        assert rel_err(a, c) < 1e-4
+
+
+def test_fused_lm_softcapping_fallback():
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    final_logit_softcapping=0.5)  # small cap: it changes the log-probs a lot
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    model = FusedLM(lm, chunk_size=5)
+    ids, am, lmask = batch(left_pad=False)
+    with pytest.warns(UserWarning, match="final_logit_softcapping"):
+        out = model(ids, am, lmask, temperature=0.9, with_entropy=True)
+    lp_r, ent_r = reference(lm, ids, am, lmask, 0.9)
+    assert rel_err(out["logp"], lp_r) < 1e-5 and rel_err(out["entropy"], ent_r) < 1e-5
+    # the cap matters here: fusing lm_head alone would give different numbers
+    h = response_hidden(lm, ids, am, lmask)
+    t = ids.reshape(-1)[(lmask.bool() & (torch.arange(ids.shape[1]) > 0)).reshape(-1)]
+    uncapped, _ = fused_logprobs(h, lm.get_output_embeddings().weight, t, temperature=0.9)
+    assert (uncapped - out["logp"][:, 1:][lmask[:, 1:].bool()]).abs().max() > 1e-2
+    (g,) = torch.autograd.grad(out["logp"].sum(), [lm.model.embed_tokens.weight])
+    assert torch.isfinite(g).all()
+    with pytest.raises(NotImplementedError, match="head="), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(ids, am, lmask, head=lambda h, w, b, t: {})
+
+
+# ----------------------------------------------------------------------------------
+# DDP and FSDP2 (2 processes, gloo): gradients equal a single full-batch process
+# ----------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_and_fsdp2_match_single_process(tmp_path):
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(REPO / "tests" / "_ddp_kernels_worker.py"), str(result)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    errors = json.loads(result.read_text())
+    assert set(errors) == {"ddp_tied", "ddp_untied_bias", "fsdp2_tied", "fsdp2_untied_bias"}, errors
+    for name, err in errors.items():
+        assert err < 1e-5, (name, err)
+
+
+# ----------------------------------------------------------------------------------
+# benchmark smoke test
+# ----------------------------------------------------------------------------------
+def test_bench_quick_runs():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "kernels.bench", "--quick"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "fused/naive" in p.stdout
