@@ -63,7 +63,7 @@ def parse_args(cls, argv=None, presets=None):
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+    parser = argparse.ArgumentParser(description=(getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         tp, kw = hints[f.name], {}
@@ -257,8 +257,8 @@ def build_embedded_model(tokenizer, seed=0):
 
 # How the cached embedded starting points are made: the base is built; the others are runs of methods/sft.py.
 EMBEDDED_STAGES = {
-    "warm": ["--model", "embedded", "--max-steps", "150", "--num-demos", "512", "--eval-every", "0"],
-    "teacher": ["--model", "embedded", "--max-steps", "1500", "--eval-every", "0"],
+    "warm": ["--model", "embedded", "--max-steps", "360", "--num-demos", "1000", "--eval-every", "0"],
+    "teacher": ["--model", "embedded", "--max-steps", "1200", "--eval-every", "0"],
 }
 
 

@@ -300,7 +300,7 @@ def main():
                    for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
             metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
         metrics = common.reduce_metrics(metrics, d.device)
-        metrics["perf/tokens"] = tokens_seen * d.world_size
+        metrics.update({"perf/tokens": tokens_seen * d.world_size, "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)

@@ -82,7 +82,7 @@ class Args:
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # tiny model from random init, 2-core CPU: a much larger lr and a small batch make it learn in ~2 minutes
-    "embedded": dict(max_length=128, batch_size=64, lr=1e-3, max_steps=300, eval_every=50, max_new_tokens=40),
+    "embedded": dict(max_length=128, batch_size=64, lr=3e-3, max_steps=400, eval_every=50, max_new_tokens=40),
 }
 
 
@@ -178,7 +178,8 @@ def main():
         # 6. log, evaluate, checkpoint
         nll = common.all_reduce(torch.stack([stats["nll_sum"], stats["tokens"]]).double())
         metrics.update({"train/nll": (nll[0] / nll[1]).item(), "train/lr": scheduler.get_last_lr()[0],
-                        "perf/step_time": common.timer() - t0, "perf/tokens": tokens_seen * d.world_size})
+                        "perf/step_time": common.timer() - t0, "perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)

@@ -13,6 +13,7 @@ def load_method(name):
     """Import methods/<name>.py as a module (the method files are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"method_{name}", REPO / "methods" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses and argparse look the module up by name
     spec.loader.exec_module(mod)
     return mod
 
