@@ -6,7 +6,7 @@ normalizer is counted over the whole step (all micro-batches, all ranks) / world
 Rank 0 then computes the single-process full-batch gradient and writes the max relative difference to OUT.json.
 """
 import copy
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -18,13 +18,6 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 from kernels.advantage import normalizer_count  # noqa: E402
 from kernels.logprob import FusedLM  # noqa: E402
-
-
-def load_method(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "methods" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def make_batch(vocab, n=8, seed=0):
@@ -41,18 +34,17 @@ def make_batch(vocab, n=8, seed=0):
     return b
 
 
-# method -> (loss-mode name for normalizer_count, fn(module, out, batch, normalizer, agg, n_micro) -> loss)
-ADAPTERS = {
-    "sft": (lambda agg: "token_mean" if agg == "micro_token_mean" else agg,
-            lambda m, o, b, z, agg, nm: m.sft_loss(o["logp"], b["loss_mask"], z, agg, nm)[0]),
-    "grpo": (lambda agg: load_method("grpo").AGG[agg],
-             lambda m, o, b, z, agg, nm: m.grpo_loss(o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"],
-                                                     b["loss_mask"], z, loss_agg=agg, max_len=20)[0]),
-}
+def adapter(method):
+    """tests/test_<method>.py defines DDP_ADAPTER = (mode_fn, loss_fn): mode_fn(agg) -> the aggregation mode whose
+    normalizer_count the method uses; loss_fn(module, out, batch, normalizer, agg, n_micro) -> loss, where `out` is
+    FusedLM's output dict and `batch` holds input_ids, attention_mask, loss_mask, advantages (B,), old_shift and
+    aux (B, L) random tensors (e.g. old = logp.detach() + old_shift, ref/teacher logp = logp.detach() + aux)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    return importlib.import_module(f"test_{method}").DDP_ADAPTER
 
 
 def grads_of(model, mbs, method, mod, agg, world):
-    mode_fn, loss_fn = ADAPTERS[method]
+    mode_fn, loss_fn = adapter(method)
     z = common.all_reduce(sum(normalizer_count(b["loss_mask"], mode_fn(agg)) for b in mbs)) / world
     for k, b in enumerate(mbs):
         with common.no_sync(model, k == len(mbs) - 1):
@@ -63,6 +55,8 @@ def grads_of(model, mbs, method, mod, agg, world):
 
 def main():
     method, agg, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    sys.path.insert(0, str(REPO / "tests"))
+    from tests_util import load_method
     mod = load_method(method)
     d = common.setup_distributed(0)
     torch.manual_seed(0)
@@ -76,7 +70,7 @@ def main():
     mbs = [sel(full, mine[:2]), sel(full, mine[2:])]
     g_ddp = grads_of(model, mbs, method, mod, agg, d.world_size)
     if d.is_main:
-        z_mode, loss_fn = ADAPTERS[method]
+        z_mode, loss_fn = adapter(method)
         z = normalizer_count(full["loss_mask"], z_mode(agg))  # one process: the full count, world size 1
         o = single(full["input_ids"], full["attention_mask"], full["loss_mask"])
         loss_fn(mod, o, full, z, agg, 1).backward()

@@ -9,6 +9,11 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 grpo = load_method("grpo")
+# used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch)
+DDP_ADAPTER = (lambda agg: grpo.AGG[agg],
+               lambda m, o, b, z, agg, n_micro: m.grpo_loss(o["logp"], o["logp"].detach() + b["old_shift"],
+                                                            b["advantages"], b["loss_mask"], z, loss_agg=agg,
+                                                            max_len=20)[0])
 
 
 def reference(logp, old, ref_logp, adv, mask, eps_low, eps_high, dual, beta, kl, agg, L):

@@ -8,6 +8,9 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 sft = load_method("sft")
+# used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch)
+DDP_ADAPTER = (lambda agg: "token_mean" if agg == "micro_token_mean" else agg,
+               lambda m, o, b, z, agg, n_micro: m.sft_loss(o["logp"], b["loss_mask"], z, agg, n_micro)[0])
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_sum"])
