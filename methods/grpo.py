@@ -115,8 +115,8 @@ PRESETS = {
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
-    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=2e-5, max_steps=100, prompts_per_step=32,
-                     eval_every=25),
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
+                     eval_every=20),
 }
 AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
@@ -300,7 +300,8 @@ def main():
                    for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
             metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
         metrics = common.reduce_metrics(metrics, d.device)
-        metrics.update({"perf/tokens": tokens_seen * d.world_size, "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
+        metrics.update({"perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
