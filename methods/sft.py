@@ -46,7 +46,7 @@ class Args:
     max_length: int = 2048  # prompt + response tokens; longer examples are skipped and counted (DFT paper)
     num_demos: Optional[int] = None  # use only the first N demonstrations (all by default)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
-    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
     reward: Literal["auto", "exact", "math"] = "auto"  # eval scorer: exact (embedded) or math-verify; auto picks
     max_new_tokens: int = 64  # evaluation generation length
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -112,7 +112,7 @@ def main():
                                 args.answer_column, embedded_split="sft")
     if args.eval_dataset or embedded:
         eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
-                                         args.response_column, args.answer_column, False, "eval")
+                                         args.response_column, args.answer_column, False, "eval", args.eval_size)
     else:
         rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
     rows = rows[:args.num_demos] if args.num_demos else rows

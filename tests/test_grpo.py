@@ -110,7 +110,7 @@ def test_ddp2_x_accum2_equals_full_batch(tmp_path, agg):
 @pytest.mark.parametrize("preset", ["grpo", "dapo"])
 def test_grpo_end_to_end(tmp_path, preset):
     run_method("grpo", "--preset", preset, "--max-steps", 3, "--prompts-per-step", 8, "--num-generations", 4,
-               "--eval-every", 0, "--output-dir", tmp_path, "--quiet", "--steps-per-generation", 2,
+               "--eval-every", 0, "--eval-size", 16, "--output-dir", tmp_path, "--quiet", "--steps-per-generation", 2,
                "--grad-accum", 2)
     rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rec if "train/reward" in r]
