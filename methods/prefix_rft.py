@@ -1,0 +1,449 @@
+"""Prefix-RFT: RL on hybrid trajectories, an expert prefix continued by the policy (Huang et al., arXiv 2507.01679).
+A diff of grpo.py (the base file of the rollout family): only the rollout group, the advantage of prefix tokens and
+the defaults change.
+
+For each prompt q with demonstration y*, the group holds G-1 ordinary rollouts o_i ~ pi_old(.|q) and one hybrid
+    o_G = y*_{<L} (+) y_c,   y_c ~ pi_old(.|q, y*_{<L}),   L = clip(int(l |y*|), min_len, |y*| - 1)
+    l = low_t + (high - low_t) Beta(1, 1),   low_t = cosine from 0.95 to 0.05 over --prefix-decay-steps, high 0.95
+All G share one Dr. GRPO advantage A_i = R_i - mean_G R (no std). The loss is the dual-clip PPO loss on every token
+(prefix tokens included, with pi_old the student, not the expert), except that a prefix token keeps its advantage
+only if it is among the top 20% highest-entropy prefix tokens (entropy clipping; the others get A = 0):
+    l_it = max(-A_it r_it, -A_it clip(r_it, 1-eps, 1+eps)),  and min(l_it, -c A_it) where A_it < 0  (c = 3)
+    L = (1/B) sum_i sum_t l_it / L_max - 0.001 * entropy bonus          (Dr. GRPO aggregation, sum / max length)
+(the paper's equations are known here through secondary notes [spec methods_b.md §3]; the code below follows the
+official code where it exists).
+
+Differs from grpo.py by:
+- rollout: G-1 ordinary completions + --num-prefix hybrids per prompt. A hybrid is built in token space: the first L
+  tokens of the demonstration (common.tokenize_examples' response_ids) are appended to the templated prompt and the
+  policy continues after them (common.generate, n=1); the training sequence is prompt + prefix + continuation, the
+  loss mask covers prefix + continuation and `prefix_mask` marks the prefix. The response (prefix + continuation) is
+  cut to --max-new-tokens, as the official post_process_gen_batch truncates it.
+- prefix sampler `sample_prefix_len`: a pure function of (step, seed, sample key) with its own numpy RNG, so a run
+  is reproducible and resumes at any step; `prefix_low` is the official CosineDecayController.
+- prefix_rft_loss: entropy-based clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss.
+- defaults: Dr. GRPO advantage and aggregation (--scale-rewards none, --loss-agg dr_grpo), dual clip 3.0, entropy
+  coefficient 0.001; demonstrations are loaded for the RL prompts (need_response=True).
+
+Official code checked against: ZeroYuHuang/prefix_rft @ 5f5d2a1 (recipe/prefix_rft/rl_dataset.py `_get_prefix`,
+scheduler/global_step.py `BetaSampler`, `CosineDecayController`, dp_actor.py `reshape_func` "entropy",
+core_algos.py `compute_policy_loss`, config/prefix_rft_trainer.yaml). The repository ships no run configuration.
+
+Choices and deviations (each where the sources are silent or the official code does something else):
+- Entropy clipping: with n prefix tokens in scope, the int(n * 0.8) lowest-entropy ones get A = 0 (the official
+  `split_point = int(len(indices) * entropy_mask_ratio)`), so n - floor(0.8 n) = ceil(0.2 n) tokens keep A. Scope
+  "batch" pools the prefix tokens of the micro-batch as the official code does (so with --grad-accum > 1 or several
+  ranks the selection depends on how the batch is split, as there); "sequence" selects within each hybrid. The
+  entropies are those of the current forward pass, detached; ties are broken by position (stable sort).
+- Prefix in token space: the official code decodes the prefix to text and re-encodes it inside the chat template
+  (`continue_final_message`), which can shift token boundaries; here prefix tokens are exactly the demonstration's.
+  |y*| counts the demonstration's text tokens (without the EOS that tokenize_examples appends), as the official
+  `tokenizer(text)`, so at least one demonstration token and the EOS are left to the policy.
+- --min-prefix-len (official `min_prefix_len`) and the cosine horizon are missing from the shipped configs: defaults
+  1 and --max-steps. The paper's horizon is unknown in the sources; the embedded recipe decays over its 60 steps
+  (a demo setting).
+- Dr. GRPO aggregation is the paper's form (token sum / constant max length, mean over sequences); the official
+  `dr_grpo` mode divides the sum over the micro-batch by a configured max token count (no mean over sequences), a
+  factor of the batch size absorbed by the learning rate. N = 8 (7 + 1) is inferred from the LUFFY-matched setup.
+- The advantage estimator that produced the paper's numbers is not pinned in the repository; we use Dr. GRPO over
+  the whole group (the paper's "all N trajectories estimate the advantage jointly"), not `dr_grpo_prefix`.
+
+Run:
+    python methods/prefix_rft.py                    # from a weak SFT warm start of the embedded tiny model (CPU)
+    torchrun --nproc_per_node 8 methods/prefix_rft.py --model Qwen/Qwen2.5-Math-7B \
+        --dataset open-r1/OpenR1-Math-220k --prompt-column problem --response-column solution \
+        --answer-column answer --reward math --max-new-tokens 8192 --generator vllm --bf16
+"""
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.logprob import FusedLM  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- model and data (identical in every file of the family) ---
+    model: str = "embedded:warm"  # hub name, local directory, or embedded:warm (tiny model after a short SFT)
+    dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
+    dataset_split: str = "train"  # split of a hub dataset
+    prompt_column: str = "prompt"  # dataset column with the question
+    response_column: str = "response"  # dataset column with a demonstration (methods that use expert data)
+    answer_column: str = "answer"  # dataset column with the checkable final answer
+    system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+    max_new_tokens: int = 1024  # completion length (DeepSeekMath: 1024)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
+    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
+    generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
+    # --- rollout and optimisation ---
+    max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
+    prompts_per_step: int = 16  # prompts per rollout step, all ranks (Dr. GRPO: 16 x 8 = 128 rollouts)
+    num_generations: int = 8  # G, completions per prompt (TRL default; Dr. GRPO, LUFFY)
+    steps_per_generation: int = 1  # optimizer steps per rollout batch (verl: train_batch / ppo_mini_batch)
+    num_iterations: int = 1  # passes over each rollout batch, mu (DeepSeekMath, TRL default 1)
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 1e-6  # DeepSeekMath §4.2, TRL GRPOConfig, Dr. GRPO, DAPO
+    beta1: float = 0.9  # torch/verl AdamW default
+    beta2: float = 0.999  # torch/verl AdamW default
+    weight_decay: float = 0.01  # verl actor optim default
+    warmup_steps: int = 0  # linear warmup, then constant (verl; DAPO paper uses 20)
+    max_grad_norm: float = 1.0  # verl and TRL default
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature (TRL, verl)
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    scale_rewards: Literal["group", "batch", "none"] = "none"  # no std: Dr. GRPO advantage (Prefix-RFT paper, spec §3)
+    adv_eps: float = 1e-6  # verl (TRL: 1e-4)
+    eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
+    eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
+    dual_clip: Optional[float] = 3.0  # cap -A*c on the loss where A<0 (prefix_rft core_algos clip_ratio_c 3.0)
+    beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
+    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dr_grpo"  # seq-mean-token-mean | token mean | sum / L_max (Dr. GRPO)
+    mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
+    max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
+    overlong_buffer_ratio: float = 0.0  # DAPO overlong shaping: last fraction of max_new_tokens penalised (4096/20480)
+    overlong_penalty: float = 1.0  # DAPO: penalty at the hard limit
+    entropy_coef: float = 0.001  # entropy bonus (prefix_rft_trainer.yaml entropy_coeff 0.001)
+    # --- runtime (identical in every file) ---
+    seed: int = 0  # data order, sampling and initialisation
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weight dtype (fp32 on CPU: bf16 is 2x slower)
+    bf16: bool = False  # bf16 autocast on CUDA
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    gradient_checkpointing: bool = False  # recompute activations in backward
+    trust_remote_code: bool = False  # let transformers run a model repository's own code
+    output_dir: str = "runs/prefix_rft"  # metrics.jsonl, config.json, checkpoints
+    eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
+    save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
+    keep_last: Optional[int] = 2  # checkpoints to keep
+    resume: bool = False  # continue from the latest complete checkpoint in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    tensorboard: bool = False  # also log to TensorBoard (when installed)
+    quiet: bool = False  # no progress bar
+    # --- Prefix-RFT ---
+    num_prefix: int = 1  # hybrid (prefix + continuation) members per group of G (paper: 1 of N)
+    prefix_high: float = 0.95  # upper end of the prefix fraction (paper, spec §3: 0.95)
+    prefix_low_start: float = 0.95  # lower end at the first step: starts equal to high (paper, spec §3)
+    prefix_low_end: float = 0.05  # lower end after the cosine decay (paper, spec §3: 0.05)
+    prefix_decay_steps: Optional[int] = None  # cosine horizon, rollout steps (not in the sources; None: --max-steps)
+    prefix_beta_a: float = 1.0  # fraction = low + (high - low) Beta(a, b) (official BetaSampler alpha 1.0)
+    prefix_beta_b: float = 1.0  # (official BetaSampler beta 1.0: uniform)
+    min_prefix_len: int = 1  # shortest prefix in tokens (official min_prefix_len; its value is not shipped)
+    entropy_keep_ratio: float = 0.2  # share of prefix tokens that keep their advantage, by entropy (paper: top 0.2)
+    entropy_scope: Literal["batch", "sequence"] = "batch"  # rank over the micro-batch (official) or per hybrid
+
+
+PRESETS = {
+    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
+    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+}
+RECIPES = {
+    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
+    # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
+                     eval_every=20, prefix_decay_steps=60),  # prefix-rft: a demo horizon (the paper's is unknown)
+}
+AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+def prefix_rft_loss(logp, old_logp, advantages, mask, normalizer, prefix_mask, entropy, ref_logp=None, eps_low=0.2,
+                    eps_high=0.2, dual_clip=3.0, beta=0.0, kl_estimator="k3", entropy_coef=0.001, loss_agg="dr_grpo",
+                    max_len=None, entropy_keep_ratio=0.2, entropy_scope="batch"):
+    """logp, old_logp, ref_logp, entropy, mask, prefix_mask: (B, T) per completion token; advantages: (B,).
+    prefix_mask: 1 on demonstration-prefix tokens. entropy: of the current forward pass (its gradient feeds the
+    bonus; the selection uses it detached). normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer
+    step over all ranks / world size. Returns (loss, metrics)."""
+    prefix = prefix_mask.bool() & mask.bool()  # (B, T)
+    keep = entropy_keep_mask(entropy, prefix, entropy_keep_ratio, entropy_scope)  # (B, T) top-20% prefix tokens
+    adv = advantages.float()
+    adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(logp)  # (B, T) trajectory advantage on every token
+    adv = torch.where(prefix & ~keep, 0.0, adv)  # entropy clipping: low-entropy prefix tokens get A = 0
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+    metrics["prefix_frac"] = prefix.sum() / mask.sum().clamp(min=1)  # share of loss tokens from demonstrations
+    metrics["prefix_kept_frac"] = (keep & prefix).sum() / prefix.sum().clamp(min=1)
+    if beta > 0:  # KL to the reference, added to the loss (not to the reward)
+        kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
+        per_tok = per_tok + beta * kl
+        metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    if entropy_coef:  # bonus: maximise entropy
+        per_tok = per_tok - entropy_coef * entropy
+    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    return loss, metrics
+
+
+def entropy_keep_mask(entropy, prefix_mask, keep_ratio=0.2, scope="batch"):
+    """(B, T) bool: the prefix tokens that keep their advantage. Among the n prefix tokens in scope (all of them for
+    "batch", each row for "sequence") the int(n * (1 - keep_ratio)) lowest-entropy ones are dropped (official
+    dp_actor.py: split_point = int(len(indices) * entropy_mask_ratio)), so ceil(keep_ratio * n) are kept."""
+    prefix = prefix_mask.bool()
+    if keep_ratio >= 1:
+        return prefix
+    h = torch.where(prefix, entropy.detach().float(), float("inf"))  # non-prefix tokens sort last
+    rows = h.reshape(1, -1) if scope == "batch" else h  # (R, M): one pool per micro-batch or per sequence
+    rank = rows.argsort(dim=-1, stable=True).argsort(dim=-1)  # (R, M) 0 = lowest entropy
+    n = prefix.reshape(rows.shape).sum(-1, keepdim=True)  # (R, 1) prefix tokens in scope
+    drop = (n.double() * (1 - keep_ratio)).floor()  # float64: int(n * 0.8) as in Python
+    return (rank >= drop).reshape(prefix.shape) & prefix
+
+
+def prefix_low(step, start=0.95, end=0.05, horizon=500):
+    """Lower end of the prefix fraction at rollout step `step` (0-based): cosine from `start` to `end` over
+    `horizon` steps, then `end` (official CosineDecayController, no warmup)."""
+    t = min(step / max(horizon, 1), 1.0)
+    return end + 0.5 * (1 + math.cos(math.pi * t)) * (start - end)
+
+
+def sample_prefix_len(demo_len, step, key, high=0.95, low_start=0.95, low_end=0.05, horizon=500, min_len=1, a=1.0,
+                      b=1.0):
+    """Prefix length in tokens for a demonstration of `demo_len` text tokens at rollout step `step` (0-based):
+    l = low + (high - low) Beta(a, b) (official BetaSampler), L = int(l * demo_len) raised to min_len and capped at
+    demo_len - 1 (official _get_prefix). Its own RNG seeded by `key` (a tuple of ints: seed, step, sample), so the
+    draw is reproducible and a resumed run draws the same prefixes. Returns (L, l)."""
+    low = prefix_low(step, low_start, low_end, horizon)
+    lo, hi = min(low, high), max(low, high)
+    frac = lo + (hi - lo) * np.random.default_rng(key).beta(a, b)
+    return max(min(max(int(frac * demo_len), min_len), demo_len - 1), 0), frac
+
+
+def regroup(a, b, n_a, n_b):
+    """Per prompt, its n_a items of `a` then its n_b items of `b`: the G members of each group stay contiguous."""
+    return [x for j in range(len(a) // n_a) for x in a[j * n_a:(j + 1) * n_a] + b[j * n_b:(j + 1) * n_b]]
+
+
+def check_prefix_args(a):
+    """Prefix-RFT's flags, checked before training: a common.UserError naming the problem and the fix."""
+    if not 1 <= a.num_prefix < a.num_generations:
+        raise common.UserError(f"--num-prefix {a.num_prefix} must be between 1 and --num-generations - 1 = "
+                               f"{a.num_generations - 1}: each group needs a hybrid and at least one ordinary rollout")
+    if not all(0 <= x <= 1 for x in (a.prefix_high, a.prefix_low_start, a.prefix_low_end)):
+        raise common.UserError("--prefix-high, --prefix-low-start and --prefix-low-end are fractions of the "
+                               "demonstration: give values in [0, 1]")
+    if not 0 < a.entropy_keep_ratio <= 1:
+        raise common.UserError(f"--entropy-keep-ratio {a.entropy_keep_ratio} must be in (0, 1] (the paper keeps the "
+                               "top 0.2 of prefix tokens by entropy; 1 keeps all)")
+    if min(a.prefix_beta_a, a.prefix_beta_b) <= 0 or a.min_prefix_len < 0 or (a.prefix_decay_steps or 1) < 1:
+        raise common.UserError("--prefix-beta-a and --prefix-beta-b must be > 0, --min-prefix-len >= 0 and "
+                               "--prefix-decay-steps >= 1; change the offending flag")
+
+
+def overlong_penalty(length, max_len, buffer, penalty):
+    """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_len - buffer)) / buffer * penalty, 0.0)
+
+
+def main():
+    args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    # 1. setup: process group, output directory, tokenizer, prompts and reward
+    d = common.setup_distributed(args.seed)
+    out = common.prepare_output_dir(args, d)
+    model_path = common.resolve_model(args.model, d)
+    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
+    embedded = args.dataset == "embedded"
+    reward_fn = common.get_reward_fn(args.reward if args.reward != "auto" else ("exact" if embedded else "math"))
+    rows = common.load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
+                                args.answer_column, need_response=True, embedded_split="rl")  # prefix-rft: demos
+    if args.eval_dataset or embedded:
+        eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
+                                         args.response_column, args.answer_column, False, "eval")
+    else:
+        rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
+    train = [e for e in common.tokenize_examples(tokenizer, rows, args.max_prompt_length + args.max_new_tokens,
+                                                 args.system_prompt, True, print)  # prefix-rft: demos in response_ids
+             if len(e["prompt_ids"]) <= args.max_prompt_length]
+    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print)
+    G = args.num_generations
+    if G < 2 and args.scale_rewards != "none":
+        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
+                               "per prompt (a group of one has advantage 0 and nothing is learned)")
+    if args.prompts_per_step % d.world_size:
+        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
+                               f"{d.world_size}")
+    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
+    if n_local % (args.steps_per_generation * args.grad_accum):
+        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
+                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
+    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
+        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+    check_prefix_args(args)  # prefix-rft
+    H = args.num_prefix  # prefix-rft: hybrids per group
+    horizon = args.prefix_decay_steps or args.max_steps
+
+    # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
+    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
+    ref = FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code)).eval() if args.beta > 0 else None
+    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay)
+    scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
+                                   "constant")
+    start, ckpt = 0, common.latest_checkpoint(args)
+    if ckpt:
+        start = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)["step"]
+        if engine:
+            engine.push(model)
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
+    log.print(f"[prefix_rft] {len(train)} prompts with demonstrations, {len(evalset)} held-out, G={G} ({H} hybrid), "
+              f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    stream = common.batches(len(train), args.prompts_per_step, args.seed, d.rank, d.world_size, start)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
+    recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
+    tokens_seen = 0
+
+    def run_eval(step):
+        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
+        log.log(step, {"eval/accuracy": acc})
+        return acc
+
+    if start == 0:
+        run_eval(0)
+    for step in range(start + 1, args.max_steps + 1):
+        t0 = common.timer()
+        # 3. rollout: G-H completions + H hybrids per prompt (DAPO dynamic sampling keeps groups with mixed rewards)
+        kept, dropped, tries = [], [], 0
+        while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
+            batch = [train[i] for i in next(stream)]
+            seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
+            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G - H,
+                                                 args.max_new_tokens, args.temperature, args.top_p, seed, engine)
+            # prefix-rft: a hybrid is the demonstration's first L tokens (its own ids) + the policy's continuation
+            plen = [sample_prefix_len(len(e["response_ids"]) - 1, step - 1, (args.seed, step, tries, d.rank, j, k),
+                                      args.prefix_high, args.prefix_low_start, args.prefix_low_end, horizon,
+                                      args.min_prefix_len, args.prefix_beta_a, args.prefix_beta_b)[0]
+                    for j, e in enumerate(batch) for k in range(H)]
+            pre = [batch[i // H]["response_ids"][:L] for i, L in enumerate(plen)]
+            cont, _, cont_lp = common.generate(model, tokenizer, [batch[i // H]["prompt_ids"] + p for i, p in
+                                                                  enumerate(pre)], 1, args.max_new_tokens,
+                                               args.temperature, args.top_p, seed + 1_000_000_007, engine)
+            hyb = [(p + c)[:args.max_new_tokens] for p, c in zip(pre, cont)]  # the official truncation
+            comps, plens = regroup(comps, hyb, G - H, H), regroup([0] * len(comps), plen, G - H, H)
+            fin = regroup(fin, [bool(c) and c[-1] == tokenizer.eos_token_id for c in hyb], G - H, H)
+            gen_lp = regroup(gen_lp, cont_lp, G - H, H) if gen_lp else None
+            texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+            for j, e in enumerate(batch):
+                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
+                          prefix_len=plens[j * G + k],
+                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
+                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
+                                                                    args.overlong_penalty))
+                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
+                                                       texts[j * G:(j + 1) * G]))]
+                equal = len({s["reward"] for s in g}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(g)
+            tries += 1
+        # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
+        groups = (kept + dropped)[: n_local // G]
+        samples = [s for g in groups for s in g]
+        t_gen = common.timer() - t0
+
+        # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
+        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
+        group_index = torch.arange(len(samples)) // G
+        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
+                               args.adv_eps)
+        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
+            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
+            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
+        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        if args.mask_truncated:
+            full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
+        full["advantages"] = adv.to(d.device)
+        full["prefix_mask"] = torch.zeros_like(full["loss_mask"])  # prefix-rft: demonstration tokens of the response
+        for i, s in enumerate(samples):
+            full["prefix_mask"][i, len(s["example"]["prompt_ids"]):][:s["prefix_len"]] = 1
+
+        # 5. old and reference log-probs (no grad), computed once per rollout batch
+        with torch.no_grad(), autocast:
+            if recompute_old:
+                full["old_logp"] = model(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                         args.temperature)["logp"]
+            if ref is not None:
+                full["ref_logp"] = ref(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                       args.temperature)["logp"]
+
+        # 6. policy update: --num-iterations passes x --steps-per-generation optimizer steps x --grad-accum micro
+        stats, n_opt = {}, 0
+        for _ in range(args.num_iterations):
+            for mini in torch.arange(n_local).chunk(args.steps_per_generation):
+                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                normalizer = common.all_reduce(
+                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                for k, b in enumerate(mbs):
+                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                        o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
+                        old = b["old_logp"] if recompute_old else o["logp"].detach()
+                        loss, m = prefix_rft_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
+                                                  b["prefix_mask"], o["entropy"], b.get("ref_logp"), args.eps_low,
+                                                  args.eps_high, args.dual_clip, args.beta, args.kl_estimator,
+                                                  args.entropy_coef, args.loss_agg, args.max_new_tokens,
+                                                  args.entropy_keep_ratio, args.entropy_scope)
+                        loss.backward()
+                    m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
+                    for key, v in {"loss": loss.detach(), **m}.items():
+                        stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
+                bad = common.nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)},
+                                       args.skip_nonfinite)
+                if not bad:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_opt += 1
+        # 7. push the new weights into the generator
+        if engine:
+            engine.push(model)
+
+        # 8. log, evaluate, checkpoint
+        tokens_seen += int(full["attention_mask"].sum())
+        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
+        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
+        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
+                        "train/completion_length": lengths.mean(),
+                        "train/hybrid_reward": rewards.view(-1, G)[:, G - H:].mean(),  # prefix-rft
+                        "train/prefix_low": prefix_low(step - 1, args.prefix_low_start, args.prefix_low_end, horizon),
+                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
+                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
+            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
+                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]) + s["prefix_len"]:].tolist())]
+            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics = common.reduce_metrics(metrics, d.device)
+        metrics.update({"perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
+        log.log(step, metrics, advance=1)
+        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler], {}, d, args.keep_last)
+
+    # 9. final evaluation and model
+    acc = run_eval(args.max_steps)
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler], {}, d, name="final")
+    log.print(f"[prefix_rft] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.close()
+    del model, optimizer, engine
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
