@@ -134,6 +134,39 @@ def _log_softmax_(z):
     return m - z.amax(-1)
 
 
+def _mm_into(dst, a, b, accumulate):
+    """dst = a @ b, or dst += a @ b when `accumulate`; no temporary either way.
+
+    Gradient buffers start as `torch.empty` and the first block writes them, which
+    saves a zero-fill pass over the (V x d) weight gradient."""
+    if accumulate:
+        dst.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=dst)
+
+
+def _mv_into(dst, a, x, accumulate):
+    """dst = a @ x, or dst += a @ x when `accumulate` (bias gradients)."""
+    if accumulate:
+        dst.addmv_(a, x)
+    else:
+        torch.mv(a, x, out=dst)
+
+
+def _grad_buffers(N, d, V, need_h, need_w, need_b, device):
+    """Uninitialised fp32 gradient buffers (zeros when there are no rows to write them)."""
+    new = torch.zeros if N == 0 else torch.empty
+    f32 = dict(dtype=torch.float32, device=device)
+    return (new(N, d, **f32) if need_h else None, new(V, d, **f32) if need_w else None,
+            new(V, **f32) if need_b else None)
+
+
+def _scatter_rows_add_(dst, index, rows):
+    """dst[index[i]] += rows[i] with repeated indices accumulated (index_put_ with
+    accumulate=True: on CPU much faster than index_add_ into a large tensor)."""
+    dst.index_put_((index,), rows, accumulate=True)
+
+
 def _rowdot_(a, b):
     """sum_v a[:, v] * b[:, v], overwriting `a` (no temporary tile)."""
     return a.mul_(b).sum(-1)
@@ -258,18 +291,18 @@ class _FusedLogprobs(torch.autograd.Function):
         V, K = weight.shape[0], targets.shape[1]
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
-        dh = torch.empty(N, d, **f32) if need_h else None
-        dW = torch.zeros(V, d, **f32) if need_w else None  # fp32 accumulator
-        db = torch.zeros(V, **f32) if need_b else None
+        dh, dW, db = _grad_buffers(N, d, V, need_h, need_w, need_b, dev)  # fp32 accumulators
 
         with _no_autocast(hidden):
             if g_logp is None and not use_ent:  # nothing flows back
-                if need_h:
-                    dh.zero_()
+                for grad in (dh, dW, db):
+                    if grad is not None:
+                        grad.zero_()
             else:
                 rows, cols = min(chunk_size, N), min(vocab_chunk, V)
                 buf = _tile_buffer(rows, cols, dev)
                 tmp = _tile_buffer(rows, cols, dev) if use_ent else None
+                ones = torch.ones(rows, **f32)  # column sums of a tile as a matrix-vector product
                 for c0, c1 in _spans(N, chunk_size):
                     n = c1 - c0
                     h = hidden[c0:c1].float()  # (n, d)
@@ -286,7 +319,8 @@ class _FusedLogprobs(torch.autograd.Function):
                     c_row = c_row * inv_t  # (n,)
                     c_col = c_row[:, None]
                     h_scaled = None if use_ent else h * c_col  # (n, d) operand for dW
-                    acc = torch.zeros(n, d, **f32)  # dL/dh for this chunk
+                    acc = torch.empty(n, d, **f32)  # dL/dh for this chunk
+                    more = c0 > 0  # dW, db already hold earlier chunks
 
                     for v0, v1 in _spans(V, vocab_chunk):
                         z, w_blk = _logits_block(buf, x, weight, bias, v0, v1, inv_t)
@@ -294,21 +328,21 @@ class _FusedLogprobs(torch.autograd.Function):
                         if use_ent:
                             p = torch.exp(z, out=tmp[: z.numel()].view_as(z))
                             # z <- p * (c/T - (g_H/T) log p)  = dL/dz minus the one-hot part
-                            z.mul_(g_h_col).neg_().add_(c_col).mul_(p)
+                            torch.addcmul(c_col, z, g_h_col, value=-1.0, out=z).mul_(p)
                             if need_h:
-                                acc.addmm_(z, w_blk)
+                                _mm_into(acc, z, w_blk, v0 > 0)
                             if need_w:
-                                dW[v0:v1].addmm_(z.t(), h)
+                                _mm_into(dW[v0:v1], z.t(), h, more)
                             if need_b:
-                                db[v0:v1] += z.sum(0)
+                                _mv_into(db[v0:v1], z.t(), ones[:n], more)
                         else:
                             z.exp_()  # p; the row scale c/T lives in the (n x d) operands
                             if need_h:
-                                acc.addmm_(z, w_blk)
+                                _mm_into(acc, z, w_blk, v0 > 0)
                             if need_w:
-                                dW[v0:v1].addmm_(z.t(), h_scaled)
+                                _mm_into(dW[v0:v1], z.t(), h_scaled, more)
                             if need_b:
-                                db[v0:v1].addmv_(z.t(), c_row)
+                                _mv_into(db[v0:v1], z.t(), c_row, more)
                     if not use_ent:
                         acc.mul_(c_col)
 
@@ -319,9 +353,9 @@ class _FusedLogprobs(torch.autograd.Function):
                         acc += torch.einsum("nk,nkd->nd", g_t, weight[t].float())
                         dh[c0:c1] = acc
                     if need_w:
-                        dW.index_add_(0, flat_t, (g_t[:, :, None] * h[:, None, :]).reshape(-1, d))
+                        _scatter_rows_add_(dW, flat_t, (g_t[:, :, None] * h[:, None, :]).reshape(-1, d))
                     if need_b:
-                        db.index_add_(0, flat_t, g_t.reshape(-1))
+                        _scatter_rows_add_(db, flat_t, g_t.reshape(-1))
 
         grad_h = dh.to(hidden.dtype) if need_h else None
         grad_w = dW.to(weight.dtype) if need_w else None
@@ -368,7 +402,9 @@ def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, chunk_si
     z = hidden.float() @ weight.float().t()  # (N, V)
     if bias is not None:
         z = z + bias.float()
-    logp_all = (z / temperature).log_softmax(-1)  # (N, V)
+    if temperature != 1.0:
+        z = z / temperature
+    logp_all = z.log_softmax(-1)  # (N, V)
     t2 = (targets[:, None] if targets.dim() == 1 else targets).long()
     logp = logp_all.gather(1, t2).reshape(targets.shape)
     ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
@@ -439,9 +475,7 @@ class _FullVocabKL(torch.autograd.Function):
         V = weight.shape[0]
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
-        dh = torch.empty(N, d, **f32) if need_h else None
-        dW = torch.zeros(V, d, **f32) if need_w else None
-        db = torch.zeros(V, **f32) if need_b else None
+        dh, dW, db = _grad_buffers(N, d, V, need_h, need_w, need_b, dev)
 
         with _no_autocast(hidden):
             rows, cols = min(chunk_size, N), min(vocab_chunk, V)
@@ -453,7 +487,8 @@ class _FullVocabKL(torch.autograd.Function):
                 x_ref = ref_hidden[c0:c1].float()
                 g = g_kl[c0:c1].float()  # (n,)
                 h_scaled = h * g[:, None]  # upstream grad folded into the (n x d) operand
-                acc = torch.zeros(n, d, **f32)
+                acc = torch.empty(n, d, **f32)
+                more = c0 > 0
                 for v0, v1 in _spans(V, vocab_chunk):
                     z, w_blk = _logits_block(buf, h, weight, bias, v0, v1, 1.0)
                     z_ref, _ = _logits_block(buf_ref, x_ref, ref_weight, ref_bias, v0, v1, 1.0)
@@ -461,11 +496,11 @@ class _FullVocabKL(torch.autograd.Function):
                     z_ref.sub_(lse_ref[c0:c1, None]).exp_()  # p_ref
                     z.sub_(z_ref)  # p - p_ref   (n, w)
                     if need_h:
-                        acc.addmm_(z, w_blk)
+                        _mm_into(acc, z, w_blk, v0 > 0)
                     if need_w:
-                        dW[v0:v1].addmm_(z.t(), h_scaled)
+                        _mm_into(dW[v0:v1], z.t(), h_scaled, more)
                     if need_b:
-                        db[v0:v1].addmv_(z.t(), g)
+                        _mv_into(db[v0:v1], z.t(), g, more)
                 if need_h:
                     dh[c0:c1] = acc.mul_(g[:, None])
 
@@ -585,9 +620,7 @@ class _ExpectedRewardLogprob(torch.autograd.Function):
         V = weight.shape[0]
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
-        dh = torch.empty(N, d, **f32) if need_h else None
-        dW = torch.zeros(V, d, **f32) if need_w else None
-        db = torch.zeros(V, **f32) if need_b else None
+        dh, dW, db = _grad_buffers(N, d, V, need_h, need_w, need_b, dev)
 
         with _no_autocast(hidden):
             rows, cols = min(chunk_size, N), min(vocab_chunk, V)
@@ -601,7 +634,8 @@ class _ExpectedRewardLogprob(torch.autograd.Function):
                 qt = q_t[c0:c1]
                 s_col = (beta + (1.0 - beta) * qt)[:, None]  # S = sum_a w_a
                 h_scaled = h * g[:, None]
-                acc = torch.zeros(n, d, **f32)
+                acc = torch.empty(n, d, **f32)
+                more = c0 > 0
                 for v0, v1 in _spans(V, vocab_chunk):
                     z, w_blk = _logits_block(buf, h, weight, bias, v0, v1, 1.0)
                     q = torch.mul(z, 1.0 / kappa, out=buf_q[: z.numel()].view_as(z))
@@ -609,11 +643,11 @@ class _ExpectedRewardLogprob(torch.autograd.Function):
                     z.sub_(lse[c0:c1, None]).exp_()  # p
                     z.mul_(s_col).neg_().add_(q, alpha=beta)  # beta q - S p   (n, w)
                     if need_h:
-                        acc.addmm_(z, w_blk)
+                        _mm_into(acc, z, w_blk, v0 > 0)
                     if need_w:
-                        dW[v0:v1].addmm_(z.t(), h_scaled)
+                        _mm_into(dW[v0:v1], z.t(), h_scaled, more)
                     if need_b:
-                        db[v0:v1].addmv_(z.t(), g)
+                        _mv_into(db[v0:v1], z.t(), g, more)
                 acc.mul_(g[:, None])
                 # one-hot part (1 - beta) q_t at the target column
                 coef = g * (1.0 - beta) * qt  # (n,)
@@ -621,9 +655,9 @@ class _ExpectedRewardLogprob(torch.autograd.Function):
                     acc += coef[:, None] * weight[t].float()
                     dh[c0:c1] = acc
                 if need_w:
-                    dW.index_add_(0, t, coef[:, None] * h)
+                    _scatter_rows_add_(dW, t, coef[:, None] * h)
                 if need_b:
-                    db.index_add_(0, t, coef)
+                    _scatter_rows_add_(db, t, coef)
 
         grad_h = dh.to(hidden.dtype) if need_h else None
         grad_w = dW.to(weight.dtype) if need_w else None
@@ -792,10 +826,12 @@ def response_hidden(lm, input_ids, attention_mask, loss_mask, position_ids=None)
 
 
 def _scatter_rows(values: torch.Tensor, pos: torch.Tensor, B: int, L: int) -> torch.Tensor:
-    """(N, ...) -> (B, L, ...) with values at flat positions `pos`, zeros elsewhere
-    (out-of-place `index_copy`, so gradients flow back to `values`)."""
-    full = values.new_zeros((B * L,) + tuple(values.shape[1:]))
-    return full.index_copy(0, pos, values).view((B, L) + tuple(values.shape[1:]))
+    """(N, ...) -> (B, L, ...) with values at flat positions `pos`, zeros elsewhere.
+
+    Out-of-place `index_put`, so gradients flow back to `values` and the result is not
+    a view (FSDP2 warns about views returned from a wrapped forward)."""
+    full = values.new_zeros((B, L) + tuple(values.shape[1:]))
+    return full.index_put((pos // L, pos % L), values)
 
 
 HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], dict]
