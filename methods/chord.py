@@ -1,0 +1,415 @@
+"""CHORD: on-policy RL and SFT harmonised through a dynamic weight (Zhang et al., arXiv 2508.11408, ICLR 2026).
+A diff of grpo.py: every optimizer step mixes GRPO on the policy's own rollouts with an SFT loss on an independent
+mini-batch of expert (prompt, demonstration) pairs.
+
+Objective (paper §4, Eq. 5-7; Trinity-RFT chord_policy_loss.py MIXCHORDPolicyLossFn):
+    L_CHORD = (1 - mu_t) L_GRPO + mu_t L_SFT
+    L_GRPO  = sum over on-policy tokens of the dual-clip PPO loss / (on-policy tokens in the step)   [token mean]
+              A_i = (R_i - mean_G R) / (std_G R + eps) over the G on-policy rollouts of a prompt only
+    L_SFT   = - sum over expert tokens of w_t log p_t / (expert tokens in the step),  p_t = pi_theta(y*_t | x, y*_<t)
+              w_t = 1 (CHORD-mu), sg[p_t (1 - p_t)] (CHORD-phi, Eq. 7; gradient -(1 - p_t) grad p_t), sg[p_t] (IS)
+    mu_t    = linear warmup 0 -> mu_peak, then cosine decay mu_peak -> mu_valley (Trinity mu_schedule_function)
+Variants (--variant; explicit flags win):
+    phi  CHORD-phi, the default: constant mu = 0.1, token weight sg[p(1-p)]. The full method of the paper (both
+         controls) and its best row (Table 1: AMC 62.5 / AIME24 18.2 / AIME25 17.2 / MMLU-Pro 56.2); the Trinity
+         example config also enables the phi function.
+    mu   CHORD-mu: mu cosine 0.9 -> 0.05 over 200 steps, no warmup, plain NLL (w = 1).
+--sft-weighting none|phi|is chooses w for the ablations (is: sg[p], "IS with pi_expert = 1", collapses entropy).
+
+Differs from grpo.py by:
+- an expert stream (--expert-dataset, default the embedded task's "sft" split, disjoint from the RL prompts as in
+  CHORD's disjoint SFT/RL sets); per rollout step ceil(r/(1-r) x on-policy samples) expert samples with
+  r = --expert-data-ratio, so that experts are a fraction r of the step (Trinity mix_sample_strategy:
+  expert = ceil(r x read_batch) of a read batch that holds both: 64 of 256 + 64), rounded up to the world size;
+- chord_loss: the PPO term over on-policy rows only (expert rows never reach it: Trinity gives them zero logprobs),
+  plus the SFT term, each a mean over its own tokens of the whole step (two normalizers, counted over every
+  micro-batch and rank), so the mix ratio does not change what mu means (Trinity reaches the same with hand-copied
+  batch sizes, a pitfall if they disagree with the real batch);
+- mu_schedule, evaluated at the 0-based optimizer step (Trinity's global step);
+- defaults from Trinity examples/mix_chord/mix_chord.yaml: 32 prompts x 8 rollouts, dual clip c = 3 (Trinity's
+  later ppo_policy_loss; the CHORD-era file had no dual clip: --dual-clip none), max response 10240, lr 1e-6.
+
+Official code checked against: modelscope/Trinity-RFT trinity/algorithm/policy_loss_fn/chord_policy_loss.py,
+sample_strategy/mix_sample_strategy.py, examples/mix_chord/mix_chord.yaml; ms-swift GRPOTrainer._compute_chord_loss.
+Deviations: both token means are global over the step (Trinity: per micro-batch, rescaled by configured sizes);
+the PPO branch keeps grpo.py's --loss-agg (default token mean, CHORD's); expert demonstrations longer than
+--max-prompt-length + --max-new-tokens are dropped. The embedded recipe shortens the CHORD-mu decay to 60 steps
+(a demo setting: the paper's 200 is longer than the 60-step demo run).
+
+Run:
+    python methods/chord.py                         # CHORD-phi from a weak SFT warm start of the embedded model (CPU)
+    python methods/chord.py --variant mu
+    torchrun --nproc_per_node 8 methods/chord.py --model Qwen/Qwen2.5-7B-Instruct --dataset rl.jsonl \
+        --expert-dataset sft.jsonl --prompt-column problem --response-column solution --answer-column answer \
+        --reward math --generator vllm --bf16
+"""
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.logprob import FusedLM  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- model and data (identical in every file of the family) ---
+    model: str = "embedded:warm"  # hub name, local directory, or embedded:warm (tiny model after a short SFT)
+    dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
+    dataset_split: str = "train"  # split of a hub dataset
+    prompt_column: str = "prompt"  # dataset column with the question
+    response_column: str = "response"  # dataset column with a demonstration (methods that use expert data)
+    answer_column: str = "answer"  # dataset column with the checkable final answer
+    system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+    max_new_tokens: int = 10240  # completion length (Trinity mix_chord.yaml max_response_tokens)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
+    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
+    generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
+    # --- rollout and optimisation ---
+    max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
+    prompts_per_step: int = 32  # prompts per rollout step, all ranks (mix_chord.yaml: 32 x 8 = 256 on-policy)
+    num_generations: int = 8  # G, completions per prompt (TRL default; Dr. GRPO, LUFFY)
+    steps_per_generation: int = 1  # optimizer steps per rollout batch (verl: train_batch / ppo_mini_batch)
+    num_iterations: int = 1  # passes over each rollout batch, mu (DeepSeekMath, TRL default 1)
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 1e-6  # mix_chord.yaml (its comment: 5e-6 with warmup can be better for SFT)
+    beta1: float = 0.9  # torch/verl AdamW default
+    beta2: float = 0.999  # torch/verl AdamW default
+    weight_decay: float = 0.01  # verl actor optim default
+    warmup_steps: int = 0  # linear warmup, then constant (verl; DAPO paper uses 20)
+    max_grad_norm: float = 1.0  # verl and TRL default
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature (TRL, verl)
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # A / std of the group, of the batch, or no std
+    adv_eps: float = 1e-6  # verl (TRL: 1e-4)
+    eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
+    eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
+    dual_clip: Optional[float] = 3.0  # cap -A*c where A<0 (Trinity clip_ratio_c; the CHORD-era code had none: inf)
+    beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
+    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # seq-mean-token-mean | global token mean | sum / L_max (TRL default dapo)
+    mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
+    max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
+    overlong_buffer_ratio: float = 0.0  # DAPO overlong shaping: last fraction of max_new_tokens penalised (4096/20480)
+    overlong_penalty: float = 1.0  # DAPO: penalty at the hard limit
+    entropy_coef: float = 0.0  # entropy bonus (verl entropy_coeff default 0)
+    # --- runtime (identical in every file) ---
+    seed: int = 0  # data order, sampling and initialisation
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weight dtype (fp32 on CPU: bf16 is 2x slower)
+    bf16: bool = False  # bf16 autocast on CUDA
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    gradient_checkpointing: bool = False  # recompute activations in backward
+    trust_remote_code: bool = False  # let transformers run a model repository's own code
+    output_dir: str = "runs/chord"  # metrics.jsonl, config.json, checkpoints
+    eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
+    save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
+    keep_last: Optional[int] = 2  # checkpoints to keep
+    resume: bool = False  # continue from the latest complete checkpoint in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    tensorboard: bool = False  # also log to TensorBoard (when installed)
+    quiet: bool = False  # no progress bar
+    # --- CHORD ---
+    variant: Literal["phi", "mu"] = "phi"  # CHORD-phi (the full method, best in Table 1) or CHORD-mu; sets the 5 below
+    mu_warmup_steps: int = 0  # optimizer steps of linear mu warmup from 0 (both paper variants: 0)
+    mu_decay_steps: int = 0  # optimizer steps of cosine decay peak -> valley (CHORD-mu: 200; CHORD-phi: 0, constant)
+    mu_peak: float = 0.1  # mu after warmup (CHORD-mu: 0.9; CHORD-phi: 0.1)
+    mu_valley: float = 0.1  # mu after the decay (CHORD-mu: 0.05; CHORD-phi: 0.1)
+    sft_weighting: Literal["none", "phi", "is"] = "phi"  # expert-token weight 1 (CHORD-mu), sg[p(1-p)] (phi), sg[p]
+    expert_dataset: str = "embedded"  # demonstrations (--prompt/--response-column): embedded = the task's "sft" split
+    expert_data_ratio: float = 0.2  # expert fraction of each step's samples (Trinity expert_data_ratio 0.20)
+
+
+PRESETS = {
+    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
+    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+}
+VARIANTS = {  # Trinity examples/mix_chord/mix_chord.yaml comments; the paper as summarised (spec §2)
+    "mu": dict(mu_warmup_steps=0, mu_decay_steps=200, mu_peak=0.9, mu_valley=0.05, sft_weighting="none"),
+    "phi": dict(mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1, mu_valley=0.1, sft_weighting="phi"),
+}
+RECIPES = {
+    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
+    # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
+                     eval_every=20,
+                     mu_decay_steps=60),  # CHORD demo setting: the mu variant decays within the 60-step run (paper 200)
+}
+AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+def grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=None, entropy=None, eps_low=0.2, eps_high=0.2,
+              dual_clip=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="dapo", max_len=None):
+    """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,).
+    normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer step over all ranks / world size.
+    Returns (loss, metrics)."""
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+    if beta > 0:  # KL to the reference, added to the loss (not to the reward)
+        kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
+        per_tok = per_tok + beta * kl
+        metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    if entropy_coef:  # bonus: maximise entropy
+        per_tok = per_tok - entropy_coef * entropy
+    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    return loss, metrics
+
+
+def chord_loss(logp, old_logp, advantages, mask, normalizer, is_expert, expert_normalizer, mu, sft_weighting="phi",
+               ref_logp=None, entropy=None, eps_low=0.2, eps_high=0.2, dual_clip=3.0, beta=0.0, kl_estimator="k3",
+               entropy_coef=0.0, loss_agg="dapo", max_len=None):
+    """One batch holding both kinds of rows. logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,);
+    is_expert: (B,) bool, True on expert (teacher-forced demonstration) rows. Expert rows never reach the PPO branch
+    (their old_logp and advantages are ignored); on-policy rows never reach the SFT branch.
+    normalizer: grpo_loss's count over the ON-POLICY rows of the optimizer step (tokens for the default token mean),
+    all ranks, / world size; expert_normalizer: EXPERT tokens of the step, all ranks, / world size.
+    Returns (loss, metrics): (1 - mu) L_GRPO + mu L_SFT (Eq. 5)."""
+    on = mask * (~is_expert)[:, None].float()  # (B, T) on-policy tokens
+    ex = mask * is_expert[:, None].float()  # (B, T) expert tokens
+    old = torch.where(is_expert[:, None], logp.detach(), old_logp)  # (B, T) expert rows: ratio 1, masked out anyway
+    adv = torch.where(is_expert, 0.0, advantages.float())  # (B,)
+    l_grpo, metrics = grpo_loss(logp, old, adv, on, normalizer, ref_logp, entropy, eps_low, eps_high, dual_clip, beta,
+                                kl_estimator, entropy_coef, loss_agg, max_len)
+    p = logp.detach().exp()  # (B, T) current probability of the expert token, no gradient through the weight
+    w = {"none": torch.ones_like(p), "phi": p * (1 - p), "is": p}[sft_weighting]  # Eq. 7 phi(p) = p(1 - p)
+    l_sft = aggregate(-w * logp, ex, "token_mean", expert_normalizer)  # token mean over the expert tokens of the step
+    loss = (1 - mu) * l_grpo + mu * l_sft  # Eq. 5
+    metrics.update(grpo_loss=l_grpo.detach(), sft_loss=l_sft.detach(),
+                   expert_nll=(-logp.detach() * ex).sum() / ex.sum().clamp(min=1),
+                   expert_weight=(w * ex).sum() / ex.sum().clamp(min=1))
+    return loss, metrics
+
+
+def mu_schedule(step, warmup, decay, peak, valley):
+    """Trinity mu_schedule_function: linear 0 -> peak over `warmup` steps, cosine peak -> valley over `decay`
+    steps, then valley. `step` is the 0-based optimizer step. CHORD-mu: 0.9, 0.78, 0.475, 0.17, 0.05 at 0..200."""
+    if step < warmup:
+        return peak * step / warmup
+    if step >= warmup + decay:
+        return valley
+    return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / decay))
+
+
+def overlong_penalty(length, max_len, buffer, penalty):
+    """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_len - buffer)) / buffer * penalty, 0.0)
+
+
+def main():
+    args = common.parse_args(Args, presets={"preset": PRESETS, "variant": VARIANTS, "recipe": RECIPES})
+    # 1. setup: process group, output directory, tokenizer, prompts and reward
+    d = common.setup_distributed(args.seed)
+    out = common.prepare_output_dir(args, d)
+    model_path = common.resolve_model(args.model, d)
+    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
+    embedded = args.dataset == "embedded"
+    reward_fn = common.get_reward_fn(args.reward if args.reward != "auto" else ("exact" if embedded else "math"))
+    rows = common.load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
+                                args.answer_column, need_response=False, embedded_split="rl")
+    if args.eval_dataset or embedded:
+        eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
+                                         args.response_column, args.answer_column, False, "eval")
+    else:
+        rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
+    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print)
+    if not embedded and args.expert_dataset == "embedded":  # CHORD: arithmetic demonstrations for a real task
+        raise common.UserError(f"--dataset {args.dataset} needs --expert-dataset: a dataset of demonstrations for the "
+                               "SFT term (it may be the same file, read through --prompt-column/--response-column)")
+    expert_rows = common.load_examples(args.expert_dataset, args.dataset_split, args.prompt_column,
+                                       args.response_column, args.answer_column, True, "sft")  # CHORD
+    expert = common.tokenize_examples(tokenizer, expert_rows, args.max_prompt_length + args.max_new_tokens,
+                                      args.system_prompt, True, print)  # CHORD: prompt + demonstration + EOS
+    G = args.num_generations
+    if G < 2 and args.scale_rewards != "none":
+        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
+                               "per prompt (a group of one has advantage 0 and nothing is learned)")
+    if args.prompts_per_step % d.world_size:
+        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
+                               f"{d.world_size}")
+    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
+    if n_local % (args.steps_per_generation * args.grad_accum):
+        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
+                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
+    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
+        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+    if not 0 < args.expert_data_ratio < 1:  # CHORD
+        raise common.UserError(f"--expert-data-ratio {args.expert_data_ratio} must be in (0, 1): the expert fraction "
+                               "of each step's samples (0 is plain GRPO: use methods/grpo.py)")
+    if not (0 <= args.mu_valley <= 1 and 0 <= args.mu_peak <= 1) or min(args.mu_warmup_steps, args.mu_decay_steps) < 0:
+        raise common.UserError("--mu-peak and --mu-valley must be in [0, 1], --mu-warmup-steps/--mu-decay-steps >= 0")
+    n_expert = math.ceil(round(args.expert_data_ratio / (1 - args.expert_data_ratio) * args.prompts_per_step * G, 6))
+    e_local = -(-n_expert // d.world_size)  # CHORD: expert samples per rank and rollout step (rounded up)
+
+    # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
+    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
+    ref = FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code)).eval() if args.beta > 0 else None
+    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay)
+    scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
+                                   "constant")
+    start, ckpt = 0, common.latest_checkpoint(args)
+    if ckpt:
+        start = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)["step"]
+        if engine:
+            engine.push(model)
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
+    log.print(f"[chord] {len(train)} prompts, {len(expert)} demonstrations ({e_local * d.world_size} per step), "
+              f"{len(evalset)} held-out, G={G}, world size {d.world_size}, "
+              f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    stream = common.batches(len(train), args.prompts_per_step, args.seed, d.rank, d.world_size, start)
+    expert_stream = common.batches(len(expert), e_local * d.world_size, args.seed + 1, d.rank, d.world_size, start)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
+    recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
+    tokens_seen = 0
+
+    def run_eval(step):
+        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
+        log.log(step, {"eval/accuracy": acc})
+        return acc
+
+    if start == 0:
+        run_eval(0)
+    for step in range(start + 1, args.max_steps + 1):
+        t0 = common.timer()
+        # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
+        kept, dropped, tries = [], [], 0
+        while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
+            batch = [train[i] for i in next(stream)]
+            seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
+            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+                                                 args.max_new_tokens, args.temperature, args.top_p, seed, engine)
+            texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+            for j, e in enumerate(batch):
+                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
+                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
+                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
+                                                                    args.overlong_penalty))
+                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
+                                                       texts[j * G:(j + 1) * G]))]
+                equal = len({s["reward"] for s in g}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(g)
+            tries += 1
+        # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
+        groups = (kept + dropped)[: n_local // G]
+        samples = [s for g in groups for s in g]
+        t_gen = common.timer() - t0
+
+        # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
+        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
+        group_index = torch.arange(len(samples)) // G
+        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
+                               args.adv_eps)
+        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
+            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
+            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        experts = [expert[i] for i in next(expert_stream)]  # CHORD: an independent expert mini-batch
+        seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
+        seqs += [(e["prompt_ids"], e["response_ids"]) for e in experts]  # CHORD: rows n_local.. are expert rows
+        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        if args.mask_truncated:
+            full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples] + [1.0] * len(experts),
+                                              device=d.device)[:, None]
+        full["advantages"] = torch.cat([adv, torch.zeros(len(experts))]).to(d.device)
+        full["is_expert"] = torch.arange(len(seqs), device=d.device) >= len(samples)  # CHORD
+
+        # 5. old and reference log-probs (no grad), computed once per rollout batch
+        with torch.no_grad(), autocast:
+            if recompute_old:
+                full["old_logp"] = model(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                         args.temperature)["logp"]
+            if ref is not None:
+                full["ref_logp"] = ref(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                       args.temperature)["logp"]
+
+        # 6. policy update: --num-iterations passes x --steps-per-generation optimizer steps x --grad-accum micro
+        stats, n_opt = {}, 0
+        for _ in range(args.num_iterations):
+            for mini, mini_e in zip(torch.arange(n_local).chunk(args.steps_per_generation),
+                                    torch.arange(n_local, n_local + e_local).tensor_split(args.steps_per_generation)):
+                mbs = [{k: v[torch.cat([idx, idx_e])] for k, v in full.items()}
+                       for idx, idx_e in zip(mini.chunk(args.grad_accum), mini_e.tensor_split(args.grad_accum))]
+                # CHORD: two normalizers, on-policy and expert, each counted over the whole step
+                normalizer = common.all_reduce(sum(normalizer_count(b["loss_mask"][~b["is_expert"]], AGG[args.loss_agg])
+                                                   for b in mbs)) / d.world_size
+                expert_normalizer = common.all_reduce(sum(b["loss_mask"][b["is_expert"]].sum() for b in mbs)).clamp(
+                    min=1) / d.world_size
+                mu = mu_schedule((step - 1) * args.num_iterations * args.steps_per_generation + n_opt,
+                                 args.mu_warmup_steps, args.mu_decay_steps, args.mu_peak, args.mu_valley)  # CHORD
+                for k, b in enumerate(mbs):
+                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                        o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
+                        old = b["old_logp"] if recompute_old else o["logp"].detach()
+                        loss, m = chord_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
+                                             b["is_expert"], expert_normalizer, mu, args.sft_weighting,
+                                             b.get("ref_logp"), o["entropy"], args.eps_low, args.eps_high,
+                                             args.dual_clip, args.beta, args.kl_estimator, args.entropy_coef,
+                                             args.loss_agg, args.max_new_tokens)
+                        loss.backward()
+                    on = b["loss_mask"] * (~b["is_expert"])[:, None]  # CHORD: entropy of the on-policy tokens
+                    m["entropy"] = (o["entropy"].detach() * on).sum() / on.sum().clamp(min=1)
+                    for key, v in {"loss": loss.detach(), **m}.items():
+                        stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
+                bad = common.nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)},
+                                       args.skip_nonfinite)
+                if not bad:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_opt += 1
+        # 7. push the new weights into the generator
+        if engine:
+            engine.push(model)
+
+        # 8. log, evaluate, checkpoint
+        tokens_seen += int(full["attention_mask"].sum())
+        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
+        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
+        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
+                        "train/completion_length": lengths.mean(), "train/mu": mu,
+                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
+                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
+            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
+                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
+            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics = common.reduce_metrics(metrics, d.device)
+        metrics.update({"perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
+        log.log(step, metrics, advance=1)
+        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler], {}, d, args.keep_last)
+
+    # 9. final evaluation and model
+    acc = run_eval(args.max_steps)
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler], {}, d, name="final")
+    log.print(f"[chord] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.close()
+    del model, optimizer, engine
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""ReLIFT: Reinforcement Learning Interleaved with Online Fine-Tuning (Ma et al., arXiv 2506.07527, ICLR 2026).
+A diff of grpo.py: GRPO as released, plus a buffer of the hardest questions (every rollout failed) and their
+demonstrations; whenever it holds M of them, one fine-tuning step on the newest M, then back to RL.
+
+Objective (paper §3; TheRoadQaQ/ReLIFT relift/verl/verl/relift/{trainer.py, actor.py, core_algos.py}):
+    RL step, as released:   L_RL = sum_{i,t} -A_i r_it / (T_max x sequences) - c_H mean_t H_t
+                            r_it = pi_theta / pi_old (no clip: loss_remove_clip=True), A_i = R_i - mean_G R (no std)
+    hardest questions:      B <- [(q, y*_q) for q with sum_{i<=G} R_i(q) = 0] + B        (newest first)
+    fine-tuning, |B| >= M:  L_FT = -(1/|S|) sum_{s in S} log pi_theta(s) - alpha (1/|S|) sum_{s in S} H(pi_theta(.|s<))
+                            on the tokens S of the newest M demonstrations (+ EOS); the rest of B is kept
+                            one step of a SEPARATE AdamW (own moments, grad clip 1.0), then back to RL
+
+Differs from grpo.py by:
+- RL defaults of the ReLIFT scripts (examples/math-7b/train.sh, config/relift_trainer.yaml), each a flag:
+    --scale-rewards none (grpo_use_std=False; the paper writes std-normalised A),
+    --no-clip (loss_remove_clip=True; the paper and the RL baseline train_rl.sh clip: --clip),
+    --loss-agg dr_grpo with T_max = --max-new-tokens 8192 (loss_remove_token_mean=True: token sum / max length),
+    --entropy-coef 0.001 as a token mean (verl), --max-grad-norm 0.7 (train_rl.sh: 1.0), 128 prompts x 8, two
+    optimizer steps per rollout batch (ppo_mini_batch_size 64), lr 1e-6 constant;
+    --preset relift_paper gives the paper's clipped, std-normalised form;
+- relift_rl_loss (grpo_loss without clip + a token-mean entropy bonus), relift_sft_loss, HardestBuffer;
+- step 6b: the buffer and the fine-tuning step (after the RL update of the same iteration, as trainer.py fit).
+  Under DDP every rank holds the same buffer: the hardest prompts' dataset indices are gathered with one all-reduce
+  in global batch order, so all ranks fire the fine-tuning step together, each on its share of the M examples.
+  The buffer is saved in checkpoints (state.json) and restored by --resume; both optimizers are checkpointed.
+
+Official code checked against: TheRoadQaQ/ReLIFT @ eb95454 (trainer.py fit, actor.py sft_update_policy,
+core_algos.py compute_policy_loss / compute_sft_loss, fsdp_worker.py actor_sft_optimizer, examples/*/train.sh).
+Deviations: the PG sum is divided by T_max x sequences of the step (Dr. GRPO / oat); verl divides each micro-batch's
+sum by T_max and averages micro-batches, i.e. the loss is larger by the micro-batch size in sequences, which only
+matters through the 0.7 grad clip; the fine-tuning loss is a token mean over the whole step and all ranks (the
+code's per-rank gradient accumulation makes it 1/dp of a mean under DDP, a pitfall in the spec); "all failed" is
+max reward <= 0 (code: == 0; the same for 0/1 rewards, and it keeps DAPO-penalised failures); the fine-tuning step
+does not step the RL lr scheduler (the code does; constant lr makes no difference). alpha defaults to the code's
+1e-3 (the paper's sweep prefers 1e-4). The embedded recipe uses M = 16 (code: 128) so that the buffer fills and
+fires several times in the 60-step demo run (a demo setting).
+
+Run:
+    python methods/relift.py                        # from a weak SFT warm start of the embedded tiny model (CPU)
+    python methods/relift.py --preset relift_paper  # clipped, std-normalised GRPO as the paper writes it
+    torchrun --nproc_per_node 8 methods/relift.py --model Qwen/Qwen2.5-Math-7B --dataset openr1_46k.jsonl \
+        --prompt-column problem --response-column solution --answer-column answer --reward math --generator vllm --bf16
+    (openr1_46k.jsonl: one row per problem with an R1 demonstration, as the paper's Openr1-Math-46k-8192)
+"""
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.logprob import FusedLM  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- model and data (identical in every file of the family) ---
+    model: str = "embedded:warm"  # hub name, local directory, or embedded:warm (tiny model after a short SFT)
+    dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
+    dataset_split: str = "train"  # split of a hub dataset
+    prompt_column: str = "prompt"  # dataset column with the question
+    response_column: str = "response"  # dataset column with a demonstration (methods that use expert data)
+    answer_column: str = "answer"  # dataset column with the checkable final answer
+    system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+    max_new_tokens: int = 8192  # completion length and T_max of the PG normaliser (ReLIFT scripts)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
+    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
+    generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    preset: Optional[Literal["grpo", "dr_grpo", "dapo", "relift_paper"]] = None  # a paper's combination of flags
+    # --- rollout and optimisation ---
+    max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
+    prompts_per_step: int = 128  # prompts per rollout step, all ranks (ReLIFT train.sh train_batch_size)
+    num_generations: int = 8  # G, completions per prompt (TRL default; Dr. GRPO, LUFFY)
+    steps_per_generation: int = 2  # optimizer steps per rollout batch (ReLIFT: 128 / ppo_mini_batch_size 64)
+    num_iterations: int = 1  # passes over each rollout batch, mu (DeepSeekMath, TRL default 1)
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 1e-6  # ReLIFT train.sh, constant
+    beta1: float = 0.9  # torch/verl AdamW default
+    beta2: float = 0.999  # torch/verl AdamW default
+    weight_decay: float = 0.01  # verl actor optim default
+    warmup_steps: int = 0  # linear warmup, then constant (verl; DAPO paper uses 20)
+    max_grad_norm: float = 0.7  # RL steps (ReLIFT train.sh; its RL baseline train_rl.sh: 1.0)
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature (TRL, verl)
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    scale_rewards: Literal["group", "batch", "none"] = "none"  # ReLIFT grpo_use_std=False (paper: group std)
+    adv_eps: float = 1e-6  # verl (TRL: 1e-4)
+    clip: bool = False  # PPO clipping of the ratio (ReLIFT loss_remove_clip=True; paper and train_rl.sh: --clip)
+    eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
+    eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
+    dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
+    beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
+    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dr_grpo"  # seq-mean-token-mean | token mean | sum / L_max (ReLIFT)
+    mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
+    max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
+    overlong_buffer_ratio: float = 0.0  # DAPO overlong shaping: last fraction of max_new_tokens penalised (4096/20480)
+    overlong_penalty: float = 1.0  # DAPO: penalty at the hard limit
+    entropy_coef: float = 0.001  # entropy bonus, a token mean (ReLIFT train.sh entropy_coeff)
+    # --- runtime (identical in every file) ---
+    seed: int = 0  # data order, sampling and initialisation
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weight dtype (fp32 on CPU: bf16 is 2x slower)
+    bf16: bool = False  # bf16 autocast on CUDA
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    gradient_checkpointing: bool = False  # recompute activations in backward
+    trust_remote_code: bool = False  # let transformers run a model repository's own code
+    output_dir: str = "runs/relift"  # metrics.jsonl, config.json, checkpoints
+    eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
+    save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
+    keep_last: Optional[int] = 2  # checkpoints to keep
+    resume: bool = False  # continue from the latest complete checkpoint in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    tensorboard: bool = False  # also log to TensorBoard (when installed)
+    quiet: bool = False  # no progress bar
+    # --- ReLIFT fine-tuning on the hardest questions ---
+    sft_buffer_size: int = 128  # M: fine-tune once the buffer holds M hardest questions (sft_data_size; -1: plain RL)
+    sft_entropy_coef: float = 1e-3  # alpha, entropy bonus of the fine-tuning loss (code 1e-3; paper's best 1e-4)
+    sft_lr: Optional[float] = None  # lr of the separate fine-tuning AdamW (None: --lr; code: both 1e-6)
+    sft_max_grad_norm: float = 1.0  # grad clip of the fine-tuning step (relift_trainer.yaml sft_grad_clip)
+    sft_micro_batch_size: int = 4  # demonstrations per micro-batch and rank (Math-7B train.sh; 2 for the others)
+
+
+PRESETS = {
+    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
+    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+    "relift_paper": dict(clip=True, scale_rewards="group"),  # ReLIFT §3 writes clipped GRPO, std-normalised A
+}
+RECIPES = {
+    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
+    # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
+                     eval_every=20,
+                     sft_buffer_size=16),  # ReLIFT demo setting: M = 16 (code 128) fills several times in 60 steps
+}
+AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+def grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=None, entropy=None, eps_low=0.2, eps_high=0.2,
+              dual_clip=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="dapo", max_len=None):
+    """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,).
+    normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer step over all ranks / world size.
+    Returns (loss, metrics)."""
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+    if beta > 0:  # KL to the reference, added to the loss (not to the reward)
+        kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
+        per_tok = per_tok + beta * kl
+        metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    if entropy_coef:  # bonus: maximise entropy
+        per_tok = per_tok - entropy_coef * entropy
+    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    return loss, metrics
+
+
+def relift_rl_loss(logp, old_logp, advantages, mask, normalizer, entropy, token_normalizer, clip=False, eps_low=0.2,
+                   eps_high=0.2, dual_clip=None, ref_logp=None, beta=0.0, kl_estimator="k3", entropy_coef=1e-3,
+                   loss_agg="dr_grpo", max_len=None):
+    """The RL step as released. logp, old_logp, entropy, mask: (B, T); advantages: (B,). normalizer: grpo_loss's
+    count for loss_agg (sequences for dr_grpo) over the optimizer step, all ranks, / world size; token_normalizer:
+    tokens of the step, all ranks, / world size (the entropy bonus is a token mean, verl's masked_mean).
+    clip=False: per-token loss -A r (core_algos.compute_policy_loss, loss_remove_clip=True). Returns (loss, metrics)."""
+    if not clip:  # an infinite clip range leaves the ratio as it is
+        eps_low, eps_high, dual_clip = math.inf, math.inf, None
+    pg, metrics = grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp, None, eps_low, eps_high, dual_clip,
+                            beta, kl_estimator, 0.0, loss_agg, max_len)
+    ent = aggregate(entropy, mask, "token_mean", token_normalizer)  # mean entropy of the step's tokens
+    return pg - entropy_coef * ent, metrics
+
+
+def relift_sft_loss(logp, entropy, mask, normalizer, alpha=1e-3):
+    """The fine-tuning step (actor.py sft_update_policy + compute_sft_loss): NLL minus alpha x entropy, both token
+    means over the demonstration tokens. logp, entropy, mask: (B, T); entropy carries its gradient (FusedLM
+    with_entropy). normalizer: demonstration tokens of the step, all ranks, / world size. Returns (loss, metrics)."""
+    nll = aggregate(-logp, mask, "token_mean", normalizer)  # (1/|S|) sum -log pi_theta(s)
+    ent = aggregate(entropy, mask, "token_mean", normalizer)  # (1/|S|) sum H(pi_theta(. | s<))
+    return nll - alpha * ent, {"sft_nll": nll.detach(), "sft_entropy": ent.detach()}
+
+
+class HardestBuffer:
+    """ReLIFT's buffer of hardest questions (trainer.py fit): new entries go in front (newest first); `take` returns
+    the newest `size` entries once the buffer holds `size` of them and keeps the rest, else None. size <= 0: never
+    fires (sft_data_size=-1, the plain-RL baseline). Entries are dataset indices, json-able for checkpoints."""
+
+    def __init__(self, size, entries=()):
+        self.size, self.entries = size, list(entries)
+
+    def add(self, new):
+        self.entries = list(new) + self.entries
+
+    def take(self):
+        if self.size <= 0 or len(self.entries) < self.size:
+            return None
+        batch, self.entries = self.entries[:self.size], self.entries[self.size:]
+        return batch
+
+
+def overlong_penalty(length, max_len, buffer, penalty):
+    """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_len - buffer)) / buffer * penalty, 0.0)
+
+
+def main():
+    args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    # 1. setup: process group, output directory, tokenizer, prompts and reward
+    d = common.setup_distributed(args.seed)
+    out = common.prepare_output_dir(args, d)
+    model_path = common.resolve_model(args.model, d)
+    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
+    embedded = args.dataset == "embedded"
+    reward_fn = common.get_reward_fn(args.reward if args.reward != "auto" else ("exact" if embedded else "math"))
+    rows = common.load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
+                                args.answer_column, need_response=True, embedded_split="rl")  # ReLIFT: demos
+    if args.eval_dataset or embedded:
+        eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
+                                         args.response_column, args.answer_column, False, "eval")
+    else:
+        rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
+    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    for i, e in enumerate(train):
+        e["index"] = i  # ReLIFT: the buffer holds dataset indices (json-able, the same on every rank)
+    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print)
+    G = args.num_generations
+    if G < 2 and args.scale_rewards != "none":
+        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
+                               "per prompt (a group of one has advantage 0 and nothing is learned)")
+    if args.prompts_per_step % d.world_size:
+        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
+                               f"{d.world_size}")
+    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
+    if n_local % (args.steps_per_generation * args.grad_accum):
+        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
+                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
+    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
+        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+    if args.sft_buffer_size != -1 and (args.sft_buffer_size < 1 or args.sft_buffer_size % d.world_size):  # ReLIFT
+        raise common.UserError(f"--sft-buffer-size {args.sft_buffer_size} must be -1 (plain RL) or a positive "
+                               f"multiple of the world size {d.world_size} (every rank fine-tunes on an equal share)")
+    if args.sft_micro_batch_size < 1:
+        raise common.UserError("--sft-micro-batch-size must be >= 1")
+
+    # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
+    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
+    ref = FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code)).eval() if args.beta > 0 else None
+    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay)
+    scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
+                                   "constant")
+    # ReLIFT: a separate AdamW with its own moments for the fine-tuning steps (fsdp_worker.py actor_sft_optimizer)
+    sft_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr if args.sft_lr is None else args.sft_lr,
+                                      betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    buffer, n_sft = HardestBuffer(args.sft_buffer_size), 0
+    start, ckpt = 0, common.latest_checkpoint(args)
+    if ckpt:
+        state = common.load_checkpoint(ckpt, model, [optimizer, sft_optimizer], [scheduler], d)
+        start, buffer.entries, n_sft = state["step"], state["buffer"], state["sft_steps"]  # ReLIFT: restore the buffer
+        if engine:
+            engine.push(model)
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
+    log.print(f"[relift] {len(train)} prompts, {len(evalset)} held-out, G={G}, world size {d.world_size}, "
+              f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    stream = common.batches(len(train), args.prompts_per_step, args.seed, d.rank, d.world_size, start)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
+    recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
+    tokens_seen = 0
+
+    def run_eval(step):
+        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
+        log.log(step, {"eval/accuracy": acc})
+        return acc
+
+    if start == 0:
+        run_eval(0)
+    for step in range(start + 1, args.max_steps + 1):
+        t0 = common.timer()
+        # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
+        kept, dropped, tries = [], [], 0
+        while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
+            batch = [train[i] for i in next(stream)]
+            seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
+            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+                                                 args.max_new_tokens, args.temperature, args.top_p, seed, engine)
+            texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+            for j, e in enumerate(batch):
+                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
+                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
+                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
+                                                                    args.overlong_penalty))
+                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
+                                                       texts[j * G:(j + 1) * G]))]
+                equal = len({s["reward"] for s in g}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(g)
+            tries += 1
+        # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
+        groups = (kept + dropped)[: n_local // G]
+        samples = [s for g in groups for s in g]
+        t_gen = common.timer() - t0
+
+        # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
+        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
+        group_index = torch.arange(len(samples)) // G
+        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
+                               args.adv_eps)
+        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
+            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
+            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
+        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        if args.mask_truncated:
+            full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
+        full["advantages"] = adv.to(d.device)
+
+        # 5. old and reference log-probs (no grad), computed once per rollout batch
+        with torch.no_grad(), autocast:
+            if recompute_old:
+                full["old_logp"] = model(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                         args.temperature)["logp"]
+            if ref is not None:
+                full["ref_logp"] = ref(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                       args.temperature)["logp"]
+
+        # 6. policy update: --num-iterations passes x --steps-per-generation optimizer steps x --grad-accum micro
+        stats, n_opt = {}, 0
+        for _ in range(args.num_iterations):
+            for mini in torch.arange(n_local).chunk(args.steps_per_generation):
+                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                normalizer = common.all_reduce(
+                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                token_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in mbs)) / d.world_size  # ReLIFT
+                for k, b in enumerate(mbs):
+                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                        o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
+                        old = b["old_logp"] if recompute_old else o["logp"].detach()
+                        loss, m = relift_rl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
+                                                 o["entropy"], token_normalizer, args.clip, args.eps_low,
+                                                 args.eps_high, args.dual_clip, b.get("ref_logp"), args.beta,
+                                                 args.kl_estimator, args.entropy_coef, args.loss_agg,
+                                                 args.max_new_tokens)
+                        loss.backward()
+                    m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
+                    for key, v in {"loss": loss.detach(), **m}.items():
+                        stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
+                bad = common.nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)},
+                                       args.skip_nonfinite)
+                if not bad:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_opt += 1
+        # 6b. ReLIFT: prompts whose G rollouts all failed join the buffer with their demonstration; once it holds M,
+        #     one fine-tuning step on the newest M with the separate optimizer (after the RL update, as trainer.py)
+        failed = [max(s["reward"] for s in g) <= 0 for g in groups]
+        hard = torch.zeros(d.world_size, len(groups), dtype=torch.long, device=d.device)  # dataset index + 1
+        for j, g in enumerate(groups):
+            if failed[j] and g[0]["example"].get("response"):
+                hard[d.rank, j] = g[0]["example"]["index"] + 1
+        hard = common.all_reduce(hard).t().flatten()  # every rank, global prompt order (rank r has prompts r, r+W, ..)
+        buffer.add([int(i) - 1 for i in hard.tolist() if i > 0])
+        sft_batch, sft_metrics = buffer.take(), {}
+        if sft_batch is not None:
+            mine = sft_batch[d.rank::d.world_size]  # this rank's share of the newest M
+            demos = [(train[i]["prompt_ids"], tokenizer(str(train[i]["response"]), add_special_tokens=False)[
+                "input_ids"][:args.max_new_tokens] + [tokenizer.eos_token_id]) for i in mine]  # demo + EOS
+            k_mb = args.sft_micro_batch_size
+            sft_mbs = [common.collate(demos[i:i + k_mb], tokenizer.pad_token_id, d.device)
+                       for i in range(0, len(demos), k_mb)]
+            sft_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in sft_mbs)) / d.world_size
+            for k, b in enumerate(sft_mbs):
+                with common.no_sync(model, k == len(sft_mbs) - 1), autocast:
+                    o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)  # temperature 1 (code)
+                    sft_loss, sm = relift_sft_loss(o["logp"], o["entropy"], b["loss_mask"], sft_normalizer,
+                                                   args.sft_entropy_coef)
+                    sft_loss.backward()
+                for key, v in {"sft_loss": sft_loss.detach(), **sm}.items():
+                    sft_metrics[f"train/{key}"] = sft_metrics.get(f"train/{key}", 0.0) + v
+            sft_grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.sft_max_grad_norm)
+            sft_metrics["train/sft_grad_norm"] = sft_grad_norm
+            if not common.nonfinite(step, {"sft_loss": float(sft_metrics["train/sft_loss"]),
+                                           "sft_grad_norm": float(sft_grad_norm)}, args.skip_nonfinite):
+                sft_optimizer.step()
+                n_sft += 1
+            sft_optimizer.zero_grad(set_to_none=True)
+
+        # 7. push the new weights into the generator
+        if engine:
+            engine.push(model)
+
+        # 8. log, evaluate, checkpoint
+        tokens_seen += int(full["attention_mask"].sum())
+        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
+        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
+        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics.update({"train/buffer_size": len(buffer.entries), "train/sft_steps": n_sft,
+                        "train/frac_hardest": sum(failed) / len(groups), **sft_metrics})  # ReLIFT
+        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
+                        "train/completion_length": lengths.mean(),
+                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
+                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
+            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
+                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
+            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics = common.reduce_metrics(metrics, d.device)
+        metrics.update({"perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
+        log.log(step, metrics, advance=1)
+        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer, sft_optimizer], [scheduler],
+                                   {"buffer": buffer.entries, "sft_steps": n_sft}, d, args.keep_last)  # ReLIFT
+
+    # 9. final evaluation and model
+    acc = run_eval(args.max_steps)
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer, sft_optimizer], [scheduler],
+                           {"buffer": buffer.entries, "sft_steps": n_sft}, d, name="final")
+    log.print(f"[relift] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.close()
+    del model, optimizer, sft_optimizer, engine
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
