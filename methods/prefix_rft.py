@@ -82,7 +82,7 @@ class Args:
     max_prompt_length: int = 512  # longer prompts are skipped and counted
     max_new_tokens: int = 1024  # completion length (DeepSeekMath: 1024)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
-    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
     reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -260,7 +260,7 @@ def main():
                                 args.answer_column, need_response=True, embedded_split="rl")  # prefix-rft: demos
     if args.eval_dataset or embedded:
         eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
-                                         args.response_column, args.answer_column, False, "eval")
+                                         args.response_column, args.answer_column, False, "eval", args.eval_size)
     else:
         rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
     train = [e for e in common.tokenize_examples(tokenizer, rows, args.max_prompt_length + args.max_new_tokens,

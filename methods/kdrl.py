@@ -1,0 +1,410 @@
+"""KDRL: GRPO plus on-policy knowledge distillation to a teacher, in one objective (Xu et al., arXiv 2506.02208).
+A diff of grpo.py (the base file of the rollout family): the KL term's reference model becomes a teacher, its
+estimator defaults to k2, its coefficient follows a schedule, and it can be masked by the reward.
+
+Objective (the paper's Eq. 26-27 as cited by a third-party re-implementation; spec methods_b.md §5), for each prompt
+q and G completions o_i ~ pi_old(.|q) of the student pi_theta with rewards R_i:
+    J = J_GRPO(theta) - beta_t D^k2,   D^k2 = agg_{i,t} m_it 1/2 (log pi_theta(o_it|.) - log pi_T(o_it|.))^2
+    beta_t = max(beta_0 - delta (t - 1), beta_min)      5e-3, 5e-5 per rollout step t = 1, 2, ..., floor 1e-3 (§3.3)
+m_it is the KD mask (§3.4, reward-guided KD): 1 everywhere (--kd-mask none), only on incorrect responses (response,
+"KDRL-masking"), or only in groups with no correct response (group). A response counts as correct when its reward
+(after any overlong shaping) is > 0.
+
+Why k2 (--kd-estimator): the tokens are sampled from the student and the gradient flows only through
+log pi_theta(a) of the sampled a (samples fixed), so the expected gradient of a per-token loss f is
+E_{a~pi}[f'(.) grad log pi(a)] = sum_a f'(.) grad pi(a). With x(a) = log pi(a) - log pi_T(a):
+    k1 = x                           -> sum_a grad pi(a) = 0: only noise
+    k2 = x^2 / 2                     -> sum_a x(a) grad pi(a) = grad KL(pi || pi_T): the unbiased reverse-KL gradient
+    k3 = exp(-x) - 1 + x             -> sum_a (1 - pi_T/pi) grad pi = -sum_a pi_T grad log pi = grad KL(pi_T || pi):
+                                        the FORWARD-KL gradient (verl's low_var_kl used as a loss)
+(the k2 line uses sum_a pi grad log pi = 0.) The paper reports k2 best (+1.4 over k3, third-party). The per-token k2
+gradient is the myopic reverse-KL gradient: it ignores how theta changes later tokens' distributions.
+
+Differs from grpo.py by:
+- the frozen model of the KL term is the teacher (--teacher, default embedded:teacher: a longer-trained SFT
+  checkpoint of the tiny model) instead of the initial policy, loaded always; its tokenizer must equal the student's
+  (vocabulary, token -> id map, pad/eos ids), checked at start (`check_teacher`);
+- kdrl_loss: estimator default k2, KD mask, coefficient beta from `kd_beta` (--beta, --beta-decay, --beta-min);
+- the presets no longer switch the KL term (it is KDRL's, not GRPO's reference KL).
+
+Teacher log-probs: the teacher scores the student's sampled tokens (the student's prompt template and ids) under
+no_grad, with logits / --temperature like the student (and like verl's reference log-probs). The student's
+log-probs are those of the sampling distribution at T (the PPO ratio needs that), so the KD term compares two
+distributions at the same T; at the default T = 1 it is the plain KL between the models. A tempered student against
+an untempered teacher would move the student's optimum to the teacher re-tempered by 1/T.
+
+Evidence status: no official code was found. The values of beta_0, delta, beta_min, the k2 choice and the masking
+variants come from secondary sources (spec §5), unverified against the PDF; group size, learning rate and
+aggregation of the paper are unknown, so the GRPO part keeps grpo.py's defaults (std-normalised advantage, token
+mean over the step). Deliberate choices:
+- KD normalisation (unverified in the sources; --kd-norm): "all" (default) aggregates the masked KD term exactly like
+  the GRPO term (same mode, same global normalizer over all response tokens), as verl does when its reference model
+  is pointed at the teacher with kl_loss_type=mse; a mask then removes tokens without raising the per-token weight
+  of the rest. "kept" is a token mean over the kept tokens only (the spec's pseudocode), with its own global count.
+- beta counts rollout steps (one step = one generation batch, whatever --steps-per-generation is).
+- With --kd-mask response the additive KD term cannot flip the sign of a correct response's GRPO signal (the
+  reported motivation); no EOS masking is needed because teacher and student share special tokens.
+
+Run:
+    python methods/kdrl.py                          # embedded:warm student, embedded:teacher teacher (CPU)
+    python methods/kdrl.py --kd-mask response --kd-estimator k3
+    torchrun --nproc_per_node 8 methods/kdrl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B \
+        --teacher Skywork/Skywork-OR1-Math-7B --dataset DigitalLearningGmbH/MATH-lighteval --prompt-column problem \
+        --answer-column solution --reward math --max-new-tokens 8192 --generator vllm --bf16
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.logprob import FusedLM  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- model and data (identical in every file of the family) ---
+    model: str = "embedded:warm"  # hub name, local directory, or embedded:warm (tiny model after a short SFT)
+    dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
+    dataset_split: str = "train"  # split of a hub dataset
+    prompt_column: str = "prompt"  # dataset column with the question
+    response_column: str = "response"  # dataset column with a demonstration (methods that use expert data)
+    answer_column: str = "answer"  # dataset column with the checkable final answer
+    system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+    max_new_tokens: int = 1024  # completion length (DeepSeekMath: 1024)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
+    reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
+    generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
+    # --- rollout and optimisation ---
+    max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
+    prompts_per_step: int = 16  # prompts per rollout step, all ranks (Dr. GRPO: 16 x 8 = 128 rollouts)
+    num_generations: int = 8  # G, completions per prompt (TRL default; Dr. GRPO, LUFFY)
+    steps_per_generation: int = 1  # optimizer steps per rollout batch (verl: train_batch / ppo_mini_batch)
+    num_iterations: int = 1  # passes over each rollout batch, mu (DeepSeekMath, TRL default 1)
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 1e-6  # DeepSeekMath §4.2, TRL GRPOConfig, Dr. GRPO, DAPO
+    beta1: float = 0.9  # torch/verl AdamW default
+    beta2: float = 0.999  # torch/verl AdamW default
+    weight_decay: float = 0.01  # verl actor optim default
+    warmup_steps: int = 0  # linear warmup, then constant (verl; DAPO paper uses 20)
+    max_grad_norm: float = 1.0  # verl and TRL default
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature (TRL, verl)
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # A / std of the group, of the batch, or no std
+    adv_eps: float = 1e-6  # verl (TRL: 1e-4)
+    eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
+    eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
+    dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
+    beta: float = 5e-3  # KD coefficient at the first rollout step (KDRL §3.3 via third-party notes: 5e-3)
+    beta_decay: float = 5e-5  # linear decrease of beta per rollout step (KDRL §3.3, third-party: 5e-5)
+    beta_min: float = 1e-3  # floor of beta, reached after 80 steps (KDRL §3.3, third-party: 1e-3)
+    kd_estimator: Literal["k1", "k2", "k3"] = "k2"  # k2: reverse-KL gradient (KDRL's best); k3: forward-KL gradient
+    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # seq-mean-token-mean | global token mean | sum / L_max (TRL default dapo)
+    mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
+    max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
+    overlong_buffer_ratio: float = 0.0  # DAPO overlong shaping: last fraction of max_new_tokens penalised (4096/20480)
+    overlong_penalty: float = 1.0  # DAPO: penalty at the hard limit
+    entropy_coef: float = 0.0  # entropy bonus (verl entropy_coeff default 0)
+    # --- runtime (identical in every file) ---
+    seed: int = 0  # data order, sampling and initialisation
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weight dtype (fp32 on CPU: bf16 is 2x slower)
+    bf16: bool = False  # bf16 autocast on CUDA
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    gradient_checkpointing: bool = False  # recompute activations in backward
+    trust_remote_code: bool = False  # let transformers run a model repository's own code
+    output_dir: str = "runs/kdrl"  # metrics.jsonl, config.json, checkpoints
+    eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
+    save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
+    keep_last: Optional[int] = 2  # checkpoints to keep
+    resume: bool = False  # continue from the latest complete checkpoint in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    tensorboard: bool = False  # also log to TensorBoard (when installed)
+    quiet: bool = False  # no progress bar
+    # --- KDRL ---
+    teacher: str = "embedded:teacher"  # causal LM with the student's tokenizer (paper: Skywork-OR1-Math-7B)
+    kd_mask: Literal["none", "response", "group"] = "none"  # KD on all, on wrong responses, on all-wrong groups
+    kd_norm: Literal["all", "kept"] = "all"  # KD normaliser: that of the GRPO term, or kept tokens (not in the sources)
+
+
+PRESETS = {
+    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2),  # DeepSeekMath §4.2 (kdrl: KL is the KD term)
+    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, dynamic_sampling=True,
+                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+}
+RECIPES = {
+    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
+    # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
+                     eval_every=20),
+}
+AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+def kdrl_loss(logp, old_logp, advantages, mask, normalizer, teacher_logp, kd_mask, beta, entropy=None, eps_low=0.2,
+              eps_high=0.2, dual_clip=None, kd_estimator="k2", entropy_coef=0.0, loss_agg="dapo", max_len=None,
+              kd_normalizer=None):
+    """logp, old_logp, teacher_logp, entropy, mask, kd_mask: (B, T) per completion token; advantages: (B,).
+    kd_mask: 1 where the KD term applies (only inside mask counts). beta: KD coefficient of this step.
+    normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer step over all ranks / world size.
+    kd_normalizer: None (--kd-norm all): the KD term is aggregated with the GRPO term; else the KD term is a token
+    mean over the kept tokens, kd_normalizer = their count over the optimizer step and all ranks / world size.
+    Returns (loss, metrics)."""
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+    kd_mask = kd_mask.bool() & mask.bool()  # (B, T)
+    kd = kl_estimate(logp, teacher_logp, kd_estimator)  # (B, T) per-token estimate of KL(pi_theta || pi_T)
+    metrics["kd"] = (kd.detach() * kd_mask).sum() / kd_mask.sum().clamp(min=1)  # the estimator's mean, kept tokens
+    metrics["kd_kl"] = ((logp - teacher_logp).detach() * mask).sum() / mask.sum().clamp(min=1)  # k1: KL estimate
+    metrics["kd_frac"] = kd_mask.sum() / mask.bool().sum().clamp(min=1)  # share of tokens with the KD term
+    if entropy_coef:  # bonus: maximise entropy
+        per_tok = per_tok - entropy_coef * entropy
+    if kd_normalizer is None:  # KD shares the GRPO term's aggregation: J_GRPO - beta D over the same tokens
+        per_tok = per_tok + beta * torch.where(kd_mask, kd, 0.0)
+    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    if kd_normalizer is not None:  # token mean over the kept tokens of the whole step
+        loss = loss + beta * aggregate(kd, kd_mask.float(), "token_mean", kd_normalizer)
+    return loss, metrics
+
+
+def kd_beta(step, beta=5e-3, decay=5e-5, beta_min=1e-3):
+    """KD coefficient at rollout step `step` (1-based): beta at step 1, then down by `decay` per step to the floor
+    beta_min (KDRL §3.3, "linear annealing"). A beta below beta_min stays constant (--beta 0 turns KD off)."""
+    return max(beta - decay * (step - 1), min(beta_min, beta))
+
+
+def kd_sample_mask(rewards, group_size, mode="none"):
+    """(N,) float, 1 for the completions that get the KD term; rewards (N,) in contiguous groups of group_size.
+    none: all; response: incorrect ones (reward <= 0, "KDRL-masking"); group: every member of a group in which no
+    completion is correct (KDRL §3.4)."""
+    correct = rewards > 0
+    if mode == "none":
+        return torch.ones_like(rewards, dtype=torch.float32)
+    if mode == "response":
+        return (~correct).float()
+    if mode == "group":
+        return (~correct.view(-1, group_size).any(1, keepdim=True)).expand(-1, group_size).reshape(-1).float()
+    raise ValueError(f"kd mask mode must be none, response or group, got {mode!r}")
+
+
+def check_teacher(tokenizer, teacher_tokenizer, student_name, teacher_name):
+    """KD scores the student's own token ids under the teacher: the two tokenizers must agree on the vocabulary
+    (size and token -> id map) and the special tokens (pad, eos); otherwise a common.UserError naming both."""
+    diffs = []
+    if len(tokenizer) != len(teacher_tokenizer):
+        diffs.append(f"vocabulary size {len(tokenizer)} vs {len(teacher_tokenizer)}")
+    for name in ("pad_token_id", "eos_token_id"):
+        if getattr(tokenizer, name) != getattr(teacher_tokenizer, name):
+            diffs.append(f"{name} {getattr(tokenizer, name)} vs {getattr(teacher_tokenizer, name)}")
+    vocab, t_vocab = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    moved = sum(1 for tok, i in vocab.items() if t_vocab.get(tok) != i)
+    if moved:
+        diffs.append(f"{moved} tokens missing or with other ids in the teacher's vocabulary")
+    if diffs:
+        raise common.UserError(
+            f"the teacher '{teacher_name}' does not share the tokenizer of the student '{student_name}' "
+            f"({'; '.join(diffs)}): KDRL scores the student's sampled token ids under the teacher, so both need the same vocabulary and "
+            "special tokens; pass a --teacher of the student's model family (same tokenizer), or a --model that uses "
+            "the teacher's tokenizer")
+
+
+def overlong_penalty(length, max_len, buffer, penalty):
+    """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_len - buffer)) / buffer * penalty, 0.0)
+
+
+def main():
+    args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    # 1. setup: process group, output directory, tokenizer, prompts and reward
+    d = common.setup_distributed(args.seed)
+    out = common.prepare_output_dir(args, d)
+    model_path = common.resolve_model(args.model, d)
+    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
+    teacher_path = common.resolve_model(args.teacher, d)  # kdrl: embedded:teacher is built once and cached
+    check_teacher(tokenizer, common.load_tokenizer(teacher_path, args.trust_remote_code), args.model, args.teacher)
+    embedded = args.dataset == "embedded"
+    reward_fn = common.get_reward_fn(args.reward if args.reward != "auto" else ("exact" if embedded else "math"))
+    rows = common.load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
+                                args.answer_column, need_response=False, embedded_split="rl")
+    if args.eval_dataset or embedded:
+        eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
+                                         args.response_column, args.answer_column, False, "eval", args.eval_size)
+    else:
+        rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
+    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print)
+    G = args.num_generations
+    if G < 2 and args.scale_rewards != "none":
+        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
+                               "per prompt (a group of one has advantage 0 and nothing is learned)")
+    if args.prompts_per_step % d.world_size:
+        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
+                               f"{d.world_size}")
+    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
+    if n_local % (args.steps_per_generation * args.grad_accum):
+        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
+                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
+    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
+        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+
+    # 2. models: policy (fused log-prob head), frozen teacher, generator
+    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
+    teacher = FusedLM(common.load_model(teacher_path, args.dtype, args.trust_remote_code, device=d.device)).eval()
+    teacher.requires_grad_(False)  # kdrl: the teacher replaces grpo's reference model
+    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay)
+    scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
+                                   "constant")
+    start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
+    if ckpt:
+        state = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)
+        start, tokens_seen = state["step"], state["tokens"]
+        if engine:
+            engine.push(model)
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
+    log.print(f"[kdrl] {len(train)} prompts, {len(evalset)} held-out, G={G}, teacher {args.teacher}, "
+              f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
+    recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
+
+    def run_eval(step):
+        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
+        log.log(step, {"eval/accuracy": acc})
+        return acc
+
+    if start == 0:
+        run_eval(0)
+    for step in range(start + 1, args.max_steps + 1):
+        t0 = common.timer()
+        # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
+        kept, dropped, tries = [], [], 0
+        while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
+            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
+                                                            d.world_size)]
+            seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
+            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+                                                 args.max_new_tokens, args.temperature, args.top_p, seed, engine)
+            texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+            for j, e in enumerate(batch):
+                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
+                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
+                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
+                                                                    args.overlong_penalty))
+                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
+                                                       texts[j * G:(j + 1) * G]))]
+                equal = len({s["reward"] for s in g}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(g)
+            tries += 1
+        # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
+        groups = (kept + dropped)[: n_local // G]
+        samples = [s for g in groups for s in g]
+        t_gen = common.timer() - t0
+
+        # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
+        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
+        group_index = torch.arange(len(samples)) // G
+        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
+                               args.adv_eps)
+        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
+            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
+            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
+        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        if args.mask_truncated:
+            full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
+        full["advantages"] = adv.to(d.device)
+        full["kd_mask"] = full["loss_mask"] * kd_sample_mask(rewards, G, args.kd_mask).to(d.device)[:, None]  # kdrl
+
+        # 5. old and teacher log-probs (no grad), computed once per rollout batch
+        with torch.no_grad(), autocast:
+            if recompute_old:
+                full["old_logp"] = model(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                         args.temperature)["logp"]
+            full["teacher_logp"] = teacher(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                           args.temperature)["logp"]  # kdrl: the student's tokens, same temperature
+
+        # 6. policy update: --num-iterations passes x --steps-per-generation optimizer steps x --grad-accum micro
+        stats, n_opt = {}, 0
+        beta = kd_beta(step, args.beta, args.beta_decay, args.beta_min)  # kdrl: annealed KD coefficient
+        for _ in range(args.num_iterations):
+            for mini in torch.arange(n_local).chunk(args.steps_per_generation):
+                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                normalizer = common.all_reduce(
+                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                kd_normalizer = (common.all_reduce(sum(b["kd_mask"].sum() for b in mbs)) / d.world_size
+                                 if args.kd_norm == "kept" else None)  # kdrl
+                for k, b in enumerate(mbs):
+                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                        o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
+                        old = b["old_logp"] if recompute_old else o["logp"].detach()
+                        loss, m = kdrl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
+                                            b["teacher_logp"], b["kd_mask"], beta, o["entropy"], args.eps_low,
+                                            args.eps_high, args.dual_clip, args.kd_estimator, args.entropy_coef,
+                                            args.loss_agg, args.max_new_tokens, kd_normalizer)
+                        loss.backward()
+                    m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
+                    for key, v in {"loss": loss.detach(), **m}.items():
+                        stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
+                bad = common.nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)},
+                                       args.skip_nonfinite)
+                if not bad:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_opt += 1
+        # 7. push the new weights into the generator
+        if engine:
+            engine.push(model)
+
+        # 8. log, evaluate, checkpoint
+        tokens_seen += int(full["attention_mask"].sum())
+        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
+        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
+        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
+                        "train/completion_length": lengths.mean(), "train/beta": beta,  # kdrl
+                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
+                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
+            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
+                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
+            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics = common.reduce_metrics(metrics, d.device)
+        metrics.update({"perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
+        log.log(step, metrics, advance=1)
+        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
+                                   {"tokens": tokens_seen}, d, args.keep_last)
+
+    # 9. final evaluation and model
+    acc = run_eval(args.max_steps)
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
+                           {"tokens": tokens_seen}, d, name="final")
+    log.print(f"[kdrl] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.close()
+    del model, optimizer, engine
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
