@@ -6,8 +6,10 @@
 
 Each measurement runs in a fresh child process so that peak memory is its own:
 on CPU the growth of the peak resident set (VmHWM, reset to the current RSS after the
-inputs are allocated; `ru_maxrss` where that is unavailable), on CUDA `max_memory_allocated` over the allocated baseline.
-Time is the median over `--repeats` rounds; each round runs every variant once (a
+inputs are allocated; `ru_maxrss` where that is unavailable), on CUDA
+`max_memory_allocated` over the allocated baseline.
+Time is wall-clock (the process CPU time is printed per run too, a check on a
+shared machine), the median over `--repeats` rounds; each round runs every variant once (a
 fresh child: a small warm-up call, then one timed forward+backward), so that the
 variants are interleaved and a slow spell of a shared machine hits them alike.
 The step is  loss = <logp, g> (+ <entropy, g_H>),  gradients w.r.t. hidden and weight.
@@ -107,12 +109,12 @@ def run_case(N, d, V, variant, dtype, device, chunk_size, vocab_chunk_size):
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _cpu_memory_baseline()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     grads = step(N)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     del grads
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_peak_bytes()) - base
-    return {"time_s": elapsed, "peak_bytes": max(peak, 0)}
+    return {"time_s": elapsed, "cpu_s": cpu, "peak_bytes": max(peak, 0)}
 
 
 def _child(args) -> int:
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
           f"memory = {mem_kind}", flush=True)
 
     header = ["N", "d", "V", "naive s", "fused s", "fused+ent s", "naive MB", "fused MB", "fused+ent MB",
-              "fused/naive time", "fused/naive mem", "ent/no-ent time"]
+              "fused/naive time", "fused/naive mem", "ent/no-ent time", "fused/naive cpu"]
     if args.naive_entropy:
         header += ["naive+ent s", "naive+ent MB"]
     rows, verdicts = [], []
@@ -189,15 +191,17 @@ def main(argv=None) -> int:
             for v in variants:
                 res = _spawn(N, d, V, v, args)
                 runs[v].append(res)
-                print(f"  {N}x{d}x{V} round {round_ + 1} {v:14s} {res['time_s']:8.3f} s "
-                      f"{res['peak_bytes'] / 2**20:9.1f} MB", flush=True)
+                print(f"  {N}x{d}x{V} round {round_ + 1} {v:14s} {res['time_s']:8.3f} s wall "
+                      f"{res['cpu_s']:8.3f} s cpu {res['peak_bytes'] / 2**20:9.1f} MB", flush=True)
         r = {v: {"time_s": statistics.median(x["time_s"] for x in runs[v]),
+                 "cpu_s": statistics.median(x["cpu_s"] for x in runs[v]),
                  "peak_bytes": max(x["peak_bytes"] for x in runs[v])} for v in variants}
         nt, ft, et = r["naive"]["time_s"], r["fused"]["time_s"], r["fused+entropy"]["time_s"]
         nm, fm, em = (r[k]["peak_bytes"] / 2**20 for k in ("naive", "fused", "fused+entropy"))
         ratios = (ft / nt, fm / max(nm, 1e-9), et / ft)
         row = [N, d, V, f"{nt:.3f}", f"{ft:.3f}", f"{et:.3f}", f"{nm:.0f}", f"{fm:.0f}", f"{em:.0f}",
-               f"{ratios[0]:.2f}", f"{ratios[1]:.3f}", f"{ratios[2]:.2f}"]
+               f"{ratios[0]:.2f}", f"{ratios[1]:.3f}", f"{ratios[2]:.2f}",
+               f"{r['fused']['cpu_s'] / max(r['naive']['cpu_s'], 1e-9):.2f}"]
         if args.naive_entropy:
             row += [f"{r['naive+entropy']['time_s']:.3f}", f"{r['naive+entropy']['peak_bytes'] / 2**20:.0f}"]
         rows.append(row)

@@ -233,7 +233,7 @@ class _FusedLogprobs(torch.autograd.Function):
         dL/dz_v = (1/T) [ sum_k g_k 1[v = t_k]  +  p_v (c - g_H log p_v) ],  c = -G - g_H H
 
     The one-hot part touches only K entries per row and is added with gathers /
-    index_add on (n x d) operands.  Without an entropy gradient the tile part is the
+    scatter-adds of (n x d) rows.  Without an entropy gradient the tile part is the
     row-scaled softmax p * (-G / T), so the row scale is folded into the (n x d)
     operands instead of the (n x w) tile:  dh = diag(-G/T) (P W),  dW += P^T diag(-G/T) h.
     """
@@ -343,7 +343,7 @@ class _FusedLogprobs(torch.autograd.Function):
                                 _mm_into(dW[v0:v1], z.t(), h_scaled, more)
                             if need_b:
                                 _mv_into(db[v0:v1], z.t(), c_row, more)
-                    if not use_ent:
+                    if need_h and not use_ent:
                         acc.mul_(c_col)
 
                     # one-hot part: (g_k / T) at column t_k

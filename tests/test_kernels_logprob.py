@@ -443,7 +443,7 @@ def test_ddp_and_fsdp2_match_single_process(tmp_path):
 def test_bench_quick_runs():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # one tiny size keeps this well under 20 s (`--quick` alone runs two small sizes)
-    p = subprocess.run([sys.executable, "-m", "kernels.bench", "--quick", "--sizes", "128x32x1000"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "kernels.bench", "--quick", "--sizes", "128x32x1000", "--device", "cpu"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "fused/naive" in p.stdout
