@@ -202,6 +202,14 @@ def mu_schedule(step, warmup, decay, peak, valley):
     return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / decay))
 
 
+def expert_batch_size(ratio, n_onpolicy, world_size=1):
+    """Expert samples per step (all ranks). Trinity mix_sample_strategy reads expert = ceil(ratio x read_batch) of a
+    read batch that holds both kinds; with n_onpolicy rollouts kept as they are that is ceil(ratio / (1 - ratio) x
+    n_onpolicy) (mix_chord.yaml: 64 beside 256), rounded up to a multiple of the world size."""
+    n = math.ceil(round(ratio / (1 - ratio) * n_onpolicy, 6))  # round: 0.1 / 0.9 x 63 is 7.000000000000001
+    return -(-n // world_size) * world_size
+
+
 def overlong_penalty(length, max_len, buffer, penalty):
     """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
     if buffer <= 0:
@@ -211,6 +219,15 @@ def overlong_penalty(length, max_len, buffer, penalty):
 
 def main():
     args = common.parse_args(Args, presets={"preset": PRESETS, "variant": VARIANTS, "recipe": RECIPES})
+    # CHORD: its own flags are checked before anything is loaded
+    if not 0 < args.expert_data_ratio < 1:
+        raise common.UserError(f"--expert-data-ratio {args.expert_data_ratio} must be in (0, 1): the expert fraction "
+                               "of each step's samples (0 is plain GRPO: use methods/grpo.py)")
+    if not (0 <= args.mu_valley <= 1 and 0 <= args.mu_peak <= 1) or min(args.mu_warmup_steps, args.mu_decay_steps) < 0:
+        raise common.UserError("--mu-peak and --mu-valley must be in [0, 1], --mu-warmup-steps/--mu-decay-steps >= 0")
+    if args.dataset != "embedded" and args.expert_dataset == "embedded":  # arithmetic demonstrations for a real task
+        raise common.UserError(f"--dataset {args.dataset} needs --expert-dataset: a dataset of demonstrations for the "
+                               "SFT term (it may be the same file, read through --prompt-column/--response-column)")
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed)
     out = common.prepare_output_dir(args, d)
@@ -227,9 +244,6 @@ def main():
         rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
     train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
     evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print)
-    if not embedded and args.expert_dataset == "embedded":  # CHORD: arithmetic demonstrations for a real task
-        raise common.UserError(f"--dataset {args.dataset} needs --expert-dataset: a dataset of demonstrations for the "
-                               "SFT term (it may be the same file, read through --prompt-column/--response-column)")
     expert_rows = common.load_examples(args.expert_dataset, args.dataset_split, args.prompt_column,
                                        args.response_column, args.answer_column, True, "sft")  # CHORD
     expert = common.tokenize_examples(tokenizer, expert_rows, args.max_prompt_length + args.max_new_tokens,
@@ -247,13 +261,7 @@ def main():
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
     if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
         raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
-    if not 0 < args.expert_data_ratio < 1:  # CHORD
-        raise common.UserError(f"--expert-data-ratio {args.expert_data_ratio} must be in (0, 1): the expert fraction "
-                               "of each step's samples (0 is plain GRPO: use methods/grpo.py)")
-    if not (0 <= args.mu_valley <= 1 and 0 <= args.mu_peak <= 1) or min(args.mu_warmup_steps, args.mu_decay_steps) < 0:
-        raise common.UserError("--mu-peak and --mu-valley must be in [0, 1], --mu-warmup-steps/--mu-decay-steps >= 0")
-    n_expert = math.ceil(round(args.expert_data_ratio / (1 - args.expert_data_ratio) * args.prompts_per_step * G, 6))
-    e_local = -(-n_expert // d.world_size)  # CHORD: expert samples per rank and rollout step (rounded up)
+    e_local = expert_batch_size(args.expert_data_ratio, args.prompts_per_step * G, d.world_size) // d.world_size
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
