@@ -478,21 +478,25 @@ def collate(seqs, pad_id, device="cpu"):
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
 
 
-def batches(n, batch_size, seed, rank=0, world_size=1, start=0):
-    """Endless, seeded index stream: yields the indices (this rank's share) of optimizer-step batch number
-    `start`, `start`+1, ... Epochs are shuffled with seed+epoch, so resuming at step k needs no saved state."""
+def batch_indices(n, batch_size, k, seed, rank=0, world_size=1):
+    """This rank's share of the indices of batch number k (0, 1, 2, ...) of an endless stream over n examples.
+    Each epoch is shuffled with (seed, epoch); a pure function of k, so a resumed run needs no saved state."""
     if batch_size % world_size:
         raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
-    step = start
+    per_epoch = max(n // batch_size, 1)
+    epoch, j = divmod(k, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    order = (order * (batch_size // max(n, 1) + 1))[: per_epoch * batch_size]
+    return order[j * batch_size:(j + 1) * batch_size][rank::world_size]
+
+
+def batches(n, batch_size, seed, rank=0, world_size=1, start=0):
+    """Endless stream of batch_indices(k) for k = start, start + 1, ..."""
+    k = start
     while True:
-        per_epoch = max(n // batch_size, 1)
-        epoch, k = divmod(step, per_epoch)
-        order = list(range(n))
-        random.Random(seed * 1000003 + epoch).shuffle(order)
-        order = (order * (batch_size // max(n, 1) + 1))[: per_epoch * batch_size]
-        idx = order[k * batch_size:(k + 1) * batch_size]
-        yield idx[rank::world_size]
-        step += 1
+        yield batch_indices(n, batch_size, k, seed, rank, world_size)
+        k += 1
 
 
 def split_micro(items, n_micro):
@@ -659,7 +663,8 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizers, schedulers, sta
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
     if d.world_size > 1:
         dist.barrier()
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{d.rank}.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{d.rank}.pt")
+    (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(random.getstate()))
     if d.world_size > 1:
         dist.barrier()
     if d.is_main:
@@ -699,8 +704,11 @@ def load_checkpoint(path, model, optimizers, schedulers, d):
         sd.update(load_file(f))
     lm = unwrap(model)
     prefix = "lm." if inner is not lm else ""
-    full = {k: v for k, v in lm.state_dict().items()}  # tied weights are saved once: fill them from the live model
-    full.update(sd)
+    live = lm.state_dict()
+    full = {}
+    for k, v in live.items():  # tied weights (lm_head = embed_tokens) are saved once: take the saved alias
+        alias = [k2 for k2, v2 in live.items() if k2 in sd and v2.data_ptr() == v.data_ptr()]
+        full[k] = sd[k] if k in sd else sd[alias[0]] if alias else v
     set_model_state_dict(inner, {prefix + k: v for k, v in full.items()}, options=opts)
     ts = torch.load(path / "trainer_state.pt", weights_only=True)
     for o, s in zip(optimizers, ts["optimizers"]):
@@ -708,10 +716,10 @@ def load_checkpoint(path, model, optimizers, schedulers, d):
     for sch, s in zip(schedulers, ts["schedulers"]):
         sch.load_state_dict(s)
     rng_file = path / f"rng_rank{d.rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)  # our own file: a torch ByteTensor and python's tuple state
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+    if rng_file.exists():  # the same world size: restore this rank's generators
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+        v, internal, gauss = json.loads((path / f"rng_rank{d.rank}.json").read_text())
+        random.setstate((v, tuple(internal), gauss))
     return json.loads((path / "state.json").read_text())
 
 

@@ -125,15 +125,14 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay)
     scheduler = common.lr_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, "cosine")
-    start, ckpt = 0, common.latest_checkpoint(args)
+    start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
     if ckpt:
-        start = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)["step"]
+        state = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)
+        start, tokens_seen = state["step"], state["tokens"]
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[sft] {len(train)} demonstrations, {len(evalset)} held-out, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    stream = common.batches(len(train), args.batch_size, args.seed, d.rank, d.world_size, start)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
-    tokens_seen = 0
 
     def run_eval(step):
         acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens)
@@ -145,7 +144,8 @@ def main():
     for step in range(start + 1, args.max_steps + 1):
         t0 = common.timer()
         # 3. batch: this rank's share of the step, split into micro-batches
-        micro = common.split_micro(next(stream), args.grad_accum)
+        idx = common.batch_indices(len(train), args.batch_size, step - 1, args.seed, d.rank, d.world_size)
+        micro = common.split_micro(idx, args.grad_accum)
         mbs = [common.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
                               tokenizer.pad_token_id, d.device) for mb in micro]
         # the normalizer counts the whole step (all micro-batches, all ranks) / world size (DDP averages)
@@ -184,11 +184,13 @@ def main():
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
-            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler], {}, d, args.keep_last)
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
+                                   {"tokens": tokens_seen}, d, args.keep_last)
 
     # 7. final evaluation and model
     acc = run_eval(args.max_steps)
-    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler], {}, d, name="final")
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
+                           {"tokens": tokens_seen}, d, name="final")
     log.print(f"[sft] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer

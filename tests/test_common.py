@@ -228,7 +228,7 @@ def test_output_dir_refuses_previous_run(tmp_path):
 
 def test_bad_batch_division():
     with pytest.raises(common.UserError, match="not divisible by the world size"):
-        next(common.batches(100, 10, 0, 0, 3))
+        common.batch_indices(100, 10, 0, 0, 0, 3)
     with pytest.raises(common.UserError, match="micro-batches"):
         common.split_micro(list(range(10)), 3)
 

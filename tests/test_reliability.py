@@ -1,0 +1,116 @@
+"""Resume after SIGKILL equals the uninterrupted run; same seed, same metrics; NaN stops the run with the last
+checkpoint intact; bad flags stop before training with one clear sentence."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_method
+
+import common
+
+SFT = ["--max-steps", 12, "--save-every", 4, "--eval-every", 6, "--eval-size", 16, "--batch-size", 16,
+       "--keep-last", 5, "--quiet"]
+GRPO = ["--max-steps", 6, "--save-every", 2, "--eval-every", 3, "--eval-size", 16, "--prompts-per-step", 4,
+        "--num-generations", 4, "--keep-last", 5, "--quiet", "--max-new-tokens", 24]
+
+
+def metrics(path):
+    """metrics.jsonl without the timing and memory entries (they differ between runs by nature)."""
+    out = []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        rec = {k: v for k, v in json.loads(line).items() if not k.startswith("perf/") or k == "perf/tokens"}
+        out.append(rec)
+    return out
+
+
+def kill_after_checkpoint(method, args, out, ckpt):
+    """Start a run, SIGKILL it as soon as `ckpt` is complete (mid-run), return nothing."""
+    cmd = [sys.executable, str(REPO / "methods" / f"{method}.py"), *map(str, args), "--output-dir", str(out)]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / ckpt / "COMPLETE").exists():
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,args,ckpt", [("sft", SFT, "checkpoint-0000004"),
+                                              ("grpo", GRPO, "checkpoint-0000002")])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, method, args, ckpt):
+    run_method(method, *args, "--output-dir", tmp_path / "a")
+    kill_after_checkpoint(method, args, tmp_path / "b", ckpt)
+    killed = metrics(tmp_path / "b")
+    assert killed != metrics(tmp_path / "a")  # it really was interrupted
+    run_method(method, *args, "--output-dir", tmp_path / "b", "--resume")
+    assert metrics(tmp_path / "b") == metrics(tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_and_partial_checkpoints_skipped(tmp_path):
+    run_method("grpo", *GRPO, "--output-dir", tmp_path / "a")
+    run_method("grpo", *GRPO, "--output-dir", tmp_path / "b")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    run_method("grpo", *GRPO, "--output-dir", tmp_path / "c", "--seed", "1")
+    assert metrics(tmp_path / "a") != metrics(tmp_path / "c")
+    # what a kill during a checkpoint write leaves behind: a .tmp directory, or one without the COMPLETE marker
+    b = tmp_path / "b"
+    (b / "checkpoint-0000008.tmp").mkdir()
+    (b / "checkpoint-0000008.tmp" / "model.safetensors").write_bytes(b"partial")
+    (b / "checkpoint-0000010").mkdir()
+    p = run_method("grpo", *[str(x) for x in GRPO[:1]], "7", *map(str, GRPO[2:]), "--output-dir", b, "--resume")
+    assert "skipping incomplete checkpoint" in p.stderr and "resumed from checkpoint-0000006" in p.stdout
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_message_and_checkpoint_intact(tmp_path):
+    run_method("sft", *SFT, "--output-dir", tmp_path)
+    # an absurd learning rate blows the weights up after the first resumed step: the loss turns NaN/inf
+    p = run_method("sft", *map(str, SFT[:1]), "16", *map(str, SFT[2:]), "--output-dir", tmp_path, "--resume",
+                   "--lr", "1e12", "--warmup-ratio", "0", check=False)
+    assert p.returncode != 0
+    assert "is not finite; the last complete checkpoint is intact" in p.stderr
+    assert "Traceback" not in p.stderr
+    step = int(p.stderr.split("error: step ")[1].split(":")[0])
+    assert 13 <= step <= 16
+    last = common.list_checkpoints(tmp_path)[-1]
+    assert last.name == "checkpoint-0000012"
+    assert common.load_model(str(last)) is not None
+
+
+BAD = [
+    ("grpo", ["--num-generations", "1"], "need at least 2 completions per prompt"),
+    ("grpo", ["--prompts-per-step", "3", "--grad-accum", "2", "--num-generations", "3"], "cannot be split into"),
+    ("grpo", ["--eps-low", "-0.1"], "must be >= 0"),
+    ("grpo", ["--generator", "vllm"], "needs vLLM, which is not installed"),
+    ("sft", ["--model", "./no/such/dir"], "does not exist"),
+    ("sft", ["--dataset", "missing.jsonl"], "does not exist"),
+    ("sft", ["--max-length", "8"], "every one of the"),
+    ("sft", ["--batch-size", "10", "--grad-accum", "3"], "micro-batches"),
+]
+
+
+@pytest.mark.parametrize("method,flags,message", BAD)
+def test_bad_input_one_clear_message(tmp_path, method, flags, message):
+    if "vllm" in flags:
+        pytest.importorskip("torch")
+        try:
+            import vllm  # noqa: F401
+            pytest.skip("vLLM is installed here")
+        except ImportError:
+            pass
+    p = run_method(method, *flags, "--output-dir", tmp_path / "o", "--max-steps", "1", "--quiet", check=False,
+                   timeout=300)
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    p = run_method("sft", "--output-dir", tmp_path, "--max-steps", "1", check=False)
+    assert p.returncode != 0 and "already holds a run; pass --resume" in p.stderr
