@@ -70,7 +70,7 @@ class Args:
     max_prompt_length: int = 512  # longer prompts are skipped and counted
     max_new_tokens: int = 10240  # completion length (Trinity mix_chord.yaml max_response_tokens)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
-    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
     reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -239,7 +239,7 @@ def main():
                                 args.answer_column, need_response=False, embedded_split="rl")
     if args.eval_dataset or embedded:
         eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
-                                         args.response_column, args.answer_column, False, "eval")
+                                         args.response_column, args.answer_column, False, "eval", args.eval_size)
     else:
         rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
     train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
@@ -272,20 +272,18 @@ def main():
                                   weight_decay=args.weight_decay)
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
                                    "constant")
-    start, ckpt = 0, common.latest_checkpoint(args)
+    start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
     if ckpt:
-        start = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)["step"]
+        state = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)
+        start, tokens_seen = state["step"], state["tokens"]
         if engine:
             engine.push(model)
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[chord] {len(train)} prompts, {len(expert)} demonstrations ({e_local * d.world_size} per step), "
               f"{len(evalset)} held-out, G={G}, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    stream = common.batches(len(train), args.prompts_per_step, args.seed, d.rank, d.world_size, start)
-    expert_stream = common.batches(len(expert), e_local * d.world_size, args.seed + 1, d.rank, d.world_size, start)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
-    tokens_seen = 0
 
     def run_eval(step):
         acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
@@ -299,7 +297,9 @@ def main():
         # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            batch = [train[i] for i in next(stream)]
+            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
+                                                            d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
             comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
@@ -327,7 +327,8 @@ def main():
         if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
             s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
             adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
-        experts = [expert[i] for i in next(expert_stream)]  # CHORD: an independent expert mini-batch
+        experts = [expert[i] for i in common.batch_indices(len(expert), e_local * d.world_size, step - 1,
+                                                           args.seed + 1, d.rank, d.world_size)]  # CHORD
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
         seqs += [(e["prompt_ids"], e["response_ids"]) for e in experts]  # CHORD: rows n_local.. are expert rows
         full = common.collate(seqs, tokenizer.pad_token_id, d.device)
@@ -408,11 +409,13 @@ def main():
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
-            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler], {}, d, args.keep_last)
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
+                                   {"tokens": tokens_seen}, d, args.keep_last)
 
     # 9. final evaluation and model
     acc = run_eval(args.max_steps)
-    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler], {}, d, name="final")
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
+                           {"tokens": tokens_seen}, d, name="final")
     log.print(f"[chord] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine

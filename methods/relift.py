@@ -69,7 +69,7 @@ class Args:
     max_prompt_length: int = 512  # longer prompts are skipped and counted
     max_new_tokens: int = 8192  # completion length and T_max of the PG normaliser (ReLIFT scripts)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
-    eval_size: int = 256  # held-out examples when --eval-dataset is not given
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
     reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -214,6 +214,11 @@ def main():
     args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed)
+    if args.sft_buffer_size != -1 and (args.sft_buffer_size < 1 or args.sft_buffer_size % d.world_size):  # ReLIFT
+        raise common.UserError(f"--sft-buffer-size {args.sft_buffer_size} must be -1 (plain RL) or a positive "
+                               f"multiple of the world size {d.world_size} (every rank fine-tunes on an equal share)")
+    if args.sft_micro_batch_size < 1:
+        raise common.UserError("--sft-micro-batch-size must be >= 1")
     out = common.prepare_output_dir(args, d)
     model_path = common.resolve_model(args.model, d)
     tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
@@ -223,7 +228,7 @@ def main():
                                 args.answer_column, need_response=True, embedded_split="rl")  # ReLIFT: demos
     if args.eval_dataset or embedded:
         eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
-                                         args.response_column, args.answer_column, False, "eval")
+                                         args.response_column, args.answer_column, False, "eval", args.eval_size)
     else:
         rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
     train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
@@ -243,11 +248,6 @@ def main():
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
     if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
         raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
-    if args.sft_buffer_size != -1 and (args.sft_buffer_size < 1 or args.sft_buffer_size % d.world_size):  # ReLIFT
-        raise common.UserError(f"--sft-buffer-size {args.sft_buffer_size} must be -1 (plain RL) or a positive "
-                               f"multiple of the world size {d.world_size} (every rank fine-tunes on an equal share)")
-    if args.sft_micro_batch_size < 1:
-        raise common.UserError("--sft-micro-batch-size must be >= 1")
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
@@ -262,19 +262,18 @@ def main():
     sft_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr if args.sft_lr is None else args.sft_lr,
                                       betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     buffer, n_sft = HardestBuffer(args.sft_buffer_size), 0
-    start, ckpt = 0, common.latest_checkpoint(args)
+    start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
     if ckpt:
         state = common.load_checkpoint(ckpt, model, [optimizer, sft_optimizer], [scheduler], d)
-        start, buffer.entries, n_sft = state["step"], state["buffer"], state["sft_steps"]  # ReLIFT: restore the buffer
+        start, tokens_seen = state["step"], state["tokens"]
+        buffer.entries, n_sft = state["buffer"], state["sft_steps"]  # ReLIFT: restore the buffer
         if engine:
             engine.push(model)
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[relift] {len(train)} prompts, {len(evalset)} held-out, G={G}, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    stream = common.batches(len(train), args.prompts_per_step, args.seed, d.rank, d.world_size, start)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
-    tokens_seen = 0
 
     def run_eval(step):
         acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
@@ -288,7 +287,9 @@ def main():
         # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            batch = [train[i] for i in next(stream)]
+            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
+                                                            d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
             comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
@@ -423,12 +424,13 @@ def main():
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
             common.save_checkpoint(out, step, model, tokenizer, [optimizer, sft_optimizer], [scheduler],
-                                   {"buffer": buffer.entries, "sft_steps": n_sft}, d, args.keep_last)  # ReLIFT
+                                   {"tokens": tokens_seen, "buffer": buffer.entries, "sft_steps": n_sft}, d,
+                                   args.keep_last)  # ReLIFT: the buffer and both optimizers
 
     # 9. final evaluation and model
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer, sft_optimizer], [scheduler],
-                           {"buffer": buffer.entries, "sft_steps": n_sft}, d, name="final")
+                           {"tokens": tokens_seen, "buffer": buffer.entries, "sft_steps": n_sft}, d, name="final")
     log.print(f"[relift] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, sft_optimizer, engine

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO, run_method, torchrun
 
-from tests_util import load_method, rand_batch
+from tests_util import load_method
 
 chord = load_method("chord")
 
@@ -230,7 +230,7 @@ def test_bad_inputs(tmp_path, flags, message):
 @pytest.mark.parametrize("variant", ["phi", "mu"])
 def test_chord_end_to_end(tmp_path, variant):
     run_method("chord", "--variant", variant, "--max-steps", 3, "--prompts-per-step", 4, "--num-generations", 4,
-               "--eval-every", 0, "--eval-dataset", _small_eval(tmp_path), "--output-dir", tmp_path / "out",
+               "--eval-every", 0, "--eval-size", 16, "--max-new-tokens", 24, "--output-dir", tmp_path / "out",
                "--quiet", "--grad-accum", 2, "--mu-decay-steps", 4, "--save-every", 0)
     rec = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rec if "train/reward" in r]
