@@ -212,9 +212,9 @@ def check_teacher(tokenizer, teacher_tokenizer, student_name, teacher_name):
     if diffs:
         raise common.UserError(
             f"the teacher '{teacher_name}' does not share the tokenizer of the student '{student_name}' "
-            f"({'; '.join(diffs)}): KDRL scores the student's sampled token ids under the teacher, so both need the same vocabulary and "
-            "special tokens; pass a --teacher of the student's model family (same tokenizer), or a --model that uses "
-            "the teacher's tokenizer")
+            f"({'; '.join(diffs)}): KDRL scores the student's sampled token ids under the teacher, so both need the "
+            "same vocabulary and special tokens; pass a --teacher of the student's model family (same tokenizer), or "
+            "a --model that uses the teacher's tokenizer")
 
 
 def overlong_penalty(length, max_len, buffer, penalty):

@@ -293,18 +293,17 @@ def main():
                                   weight_decay=args.weight_decay)
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
                                    "constant")
-    start, ckpt = 0, common.latest_checkpoint(args)
+    start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
     if ckpt:
-        start = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)["step"]
+        state = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)
+        start, tokens_seen = state["step"], state["tokens"]
         if engine:
             engine.push(model)
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[prefix_rft] {len(train)} prompts with demonstrations, {len(evalset)} held-out, G={G} ({H} hybrid), "
               f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    stream = common.batches(len(train), args.prompts_per_step, args.seed, d.rank, d.world_size, start)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
-    tokens_seen = 0
 
     def run_eval(step):
         acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
@@ -318,7 +317,9 @@ def main():
         # 3. rollout: G-H completions + H hybrids per prompt (DAPO dynamic sampling keeps groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            batch = [train[i] for i in next(stream)]
+            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
+                                                            d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
             comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G - H,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
@@ -434,11 +435,13 @@ def main():
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
-            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler], {}, d, args.keep_last)
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
+                                   {"tokens": tokens_seen}, d, args.keep_last)
 
     # 9. final evaluation and model
     acc = run_eval(args.max_steps)
-    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler], {}, d, name="final")
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
+                           {"tokens": tokens_seen}, d, name="final")
     log.print(f"[prefix_rft] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine

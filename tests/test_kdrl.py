@@ -157,8 +157,9 @@ def _teacher_tokenizer(change):
 N = len(common.build_embedded_tokenizer())
 
 
-@pytest.mark.parametrize("change,needle", [("added", f"vocabulary size {N} vs {N + 1}"), ("eos", "eos_token_id 1 vs 2"),
-                                           ("pad", "pad_token_id 0 vs 1"), ("ids", "2 tokens missing or with other ids")])
+@pytest.mark.parametrize("change,needle", [("added", f"vocabulary size {N} vs {N + 1}"),
+                                           ("eos", "eos_token_id 1 vs 2"), ("pad", "pad_token_id 0 vs 1"),
+                                           ("ids", "2 tokens missing or with other ids")])
 def test_teacher_tokenizer_mismatch_is_a_user_error(change, needle):
     student = common.build_embedded_tokenizer()
     kdrl.check_teacher(student, common.build_embedded_tokenizer(), "s", "t")  # identical: no error

@@ -3,6 +3,7 @@ aggregation, entropy bonus), the entropy mask keeps exactly the top 20% of prefi
 schedule and bounds, GA x DDP against one full batch (sequence scope), bad flags, end to end with resume."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -198,19 +199,21 @@ def test_ddp2_x_accum2_equals_full_batch(tmp_path):
 
 @pytest.mark.slow
 def test_prefix_rft_end_to_end_and_resume(tmp_path):
-    """4 steps straight vs 2 steps + --resume to 4: identical rewards and prefixes (the sampler is a function of the
-    step), and the hybrid's prefix shows up in the metrics."""
-    common_flags = ["--prompts-per-step", 4, "--num-generations", 4, "--eval-every", 0, "--quiet",
-                    "--prefix-decay-steps", 4, "--grad-accum", 2, "--save-every", 2, "--eval-size", 8]
+    """4 steps straight vs resuming that run's step-2 checkpoint: identical rewards and prefixes (the sampler is a
+    function of the step), and the hybrid's prefix shows up in the metrics."""
+    flags = ["--max-steps", 4, "--prompts-per-step", 4, "--num-generations", 4, "--eval-every", 0, "--quiet",
+             "--prefix-decay-steps", 4, "--grad-accum", 2, "--save-every", 2, "--eval-size", 8]
     a, b = tmp_path / "a", tmp_path / "b"
-    run_method("prefix_rft", "--max-steps", 4, "--output-dir", a, *common_flags)
-    run_method("prefix_rft", "--max-steps", 2, "--output-dir", b, *common_flags)
-    run_method("prefix_rft", "--max-steps", 4, "--output-dir", b, "--resume", *common_flags)
+    run_method("prefix_rft", "--output-dir", a, *flags)
+    shutil.copytree(a, b)
+    for p in ["checkpoint-0000004", "final"]:  # as if the run had stopped after step 2's checkpoint
+        shutil.rmtree(b / p)
+    run_method("prefix_rft", "--output-dir", b, "--resume", *flags)
     ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines() if "train/reward" in x]
     rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines() if "train/reward" in x]
     assert [r["step"] for r in ra] == [1, 2, 3, 4] == [r["step"] for r in rb]
-    for x, y in zip(ra, rb):
-        for k in ["train/reward", "train/prefix_frac", "train/hybrid_reward", "train/completion_length"]:
+    for x, y in zip(ra[2:], rb[2:]):
+        for k in ["train/reward", "train/prefix_frac", "train/hybrid_reward", "train/completion_length", "train/loss"]:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
     assert 0 < ra[0]["train/prefix_frac"] < 1 and ra[0]["train/prefix_low"] == pytest.approx(0.95)
     assert 0 < ra[0]["train/prefix_kept_frac"] <= 1
