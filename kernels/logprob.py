@@ -134,6 +134,14 @@ def _log_softmax_(z):
     return m - z.amax(-1)
 
 
+def _lse_(z):
+    """Row log-sum-exp of the tile (n,), overwriting z with exp(z - rowmax).
+    Cheaper than `_log_softmax_` when the log-probabilities themselves are not needed."""
+    m = z.amax(-1, keepdim=True)
+    s = z.sub_(m).exp_().sum(-1)
+    return m[:, 0] + s.log()
+
+
 def _mm_into(dst, a, b, accumulate):
     """dst = a @ b, or dst += a @ b when `accumulate`; no temporary either way.
 
@@ -263,10 +271,12 @@ class _FusedLogprobs(torch.autograd.Function):
                 for b, (v0, v1) in enumerate(_spans(V, vocab_chunk)):
                     z, _ = _logits_block(buf, x, weight, bias, v0, v1, inv_t)  # (n, w)
                     z_t += _gather_block(z, t, v0, v1)
-                    lse_b[b] = _log_softmax_(z)  # z <- block-local log p^b
                     if with_entropy:
+                        lse_b[b] = _log_softmax_(z)  # z <- block-local log p^b
                         p = torch.exp(z, out=tmp[: z.numel()].view_as(z))
                         ent_b[b] = -_rowdot_(p, z)  # H_b = -sum p^b log p^b
+                    else:
+                        lse_b[b] = _lse_(z)
                 lse_c, ent_c = _merge_blocks(lse_b, ent_b)
                 lse[c0:c1] = lse_c
                 logp[c0:c1] = z_t - lse_c[:, None]
