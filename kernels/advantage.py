@@ -119,8 +119,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     v = values.float()
     if mask is None:
         return v.mean() if v.numel() else v.new_zeros(())
-    m = mask.float()
-    return (v * m).sum() / m.sum().clamp(min=1)
+    m = mask.bool()
+    return torch.where(m, v, 0.0).sum() / m.sum().clamp(min=1)
 
 
 def ppo_clip_loss(
