@@ -1,17 +1,18 @@
-"""CHORD: on-policy RL and SFT harmonised through a dynamic weight (Zhang et al., arXiv 2508.11408, ICLR 2026).
+"""CHORD: "On-Policy RL Meets Off-Policy Experts: Harmonizing SFT and RL via Dynamic Weighting" (arXiv 2508.11408).
 A diff of grpo.py: every optimizer step mixes GRPO on the policy's own rollouts with an SFT loss on an independent
 mini-batch of expert (prompt, demonstration) pairs.
 
-Objective (paper §4, Eq. 5-7; Trinity-RFT chord_policy_loss.py MIXCHORDPolicyLossFn):
-    L_CHORD = (1 - mu_t) L_GRPO + mu_t L_SFT
-    L_GRPO  = sum over on-policy tokens of the dual-clip PPO loss / (on-policy tokens in the step)   [token mean]
-              A_i = (R_i - mean_G R) / (std_G R + eps) over the G on-policy rollouts of a prompt only
-    L_SFT   = - sum over expert tokens of w_t log p_t / (expert tokens in the step),  p_t = pi_theta(y*_t | x, y*_<t)
-              w_t = 1 (CHORD-mu), sg[p_t (1 - p_t)] (CHORD-phi, Eq. 7; gradient -(1 - p_t) grad p_t), sg[p_t] (IS)
-    mu_t    = linear warmup 0 -> mu_peak, then cosine decay mu_peak -> mu_valley (Trinity mu_schedule_function)
+Objective (Trinity-RFT chord_policy_loss.py MIXCHORDPolicyLossFn; the paper's equation numbers are not checked here,
+the spec knows the paper through summaries, so the lines are named (a) to (c)):
+    (a) L_CHORD = (1 - mu_t) L_GRPO + mu_t L_SFT
+        L_GRPO  = sum over on-policy tokens of the dual-clip PPO loss / (on-policy tokens in the step)   [token mean]
+                  A_i = (R_i - mean_G R) / (std_G R + eps) over the G on-policy rollouts of a prompt only
+    (b) L_SFT   = - sum over expert tokens of w_t log p_t / (expert tokens in the step),  p_t = pi(y*_t | x, y*_<t)
+                  w_t = 1 (CHORD-mu), sg[p_t (1 - p_t)] (CHORD-phi; gradient -(1 - p_t) grad p_t), sg[p_t] (IS)
+    (c) mu_t    = linear warmup 0 -> mu_peak, then cosine decay mu_peak -> mu_valley (Trinity mu_schedule_function)
 Variants (--variant; explicit flags win):
     phi  CHORD-phi, the default: constant mu = 0.1, token weight sg[p(1-p)]. The full method of the paper (both
-         controls) and its best row (Table 1: AMC 62.5 / AIME24 18.2 / AIME25 17.2 / MMLU-Pro 56.2); the Trinity
+         controls) and its best results (AMC 62.5 / AIME24 18.2 / AIME25 17.2 / MMLU-Pro 56.2); the Trinity
          example config also enables the phi function.
     mu   CHORD-mu: mu cosine 0.9 -> 0.05 over 200 steps, no warmup, plain NLL (w = 1).
 --sft-weighting none|phi|is chooses w for the ablations (is: sg[p], "IS with pi_expert = 1", collapses entropy).
@@ -27,7 +28,7 @@ Differs from grpo.py by:
   batch sizes, a pitfall if they disagree with the real batch);
 - mu_schedule, evaluated at the 0-based optimizer step (Trinity's global step);
 - defaults from Trinity examples/mix_chord/mix_chord.yaml: 32 prompts x 8 rollouts, dual clip c = 3 (Trinity's
-  later ppo_policy_loss; the CHORD-era file had no dual clip: --dual-clip none), max response 10240, lr 1e-6.
+  later ppo_policy_loss; the CHORD-era file had no dual clip: --dual-clip inf), max response 10240, lr 1e-6.
 
 Official code checked against: modelscope/Trinity-RFT trinity/algorithm/policy_loss_fn/chord_policy_loss.py,
 sample_strategy/mix_sample_strategy.py, examples/mix_chord/mix_chord.yaml; ms-swift GRPOTrainer._compute_chord_loss.
@@ -121,7 +122,7 @@ class Args:
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
     # --- CHORD ---
-    variant: Literal["phi", "mu"] = "phi"  # CHORD-phi (the full method, best in Table 1) or CHORD-mu; sets the 5 below
+    variant: Literal["phi", "mu"] = "phi"  # CHORD-phi (the full method, its best results) or CHORD-mu; sets the 5 below
     mu_warmup_steps: int = 0  # optimizer steps of linear mu warmup from 0 (both paper variants: 0)
     mu_decay_steps: int = 0  # optimizer steps of cosine decay peak -> valley (CHORD-mu: 200; CHORD-phi: 0, constant)
     mu_peak: float = 0.1  # mu after warmup (CHORD-mu: 0.9; CHORD-phi: 0.1)
@@ -175,7 +176,7 @@ def chord_loss(logp, old_logp, advantages, mask, normalizer, is_expert, expert_n
     (their old_logp and advantages are ignored); on-policy rows never reach the SFT branch.
     normalizer: grpo_loss's count over the ON-POLICY rows of the optimizer step (tokens for the default token mean),
     all ranks, / world size; expert_normalizer: EXPERT tokens of the step, all ranks, / world size.
-    Returns (loss, metrics): (1 - mu) L_GRPO + mu L_SFT (Eq. 5)."""
+    Returns (loss, metrics): (1 - mu) L_GRPO + mu L_SFT, line (a) of the docstring."""
     on = mask * (~is_expert)[:, None].float()  # (B, T) on-policy tokens
     ex = mask * is_expert[:, None].float()  # (B, T) expert tokens
     old = torch.where(is_expert[:, None], logp.detach(), old_logp)  # (B, T) expert rows: ratio 1, masked out anyway
@@ -183,9 +184,9 @@ def chord_loss(logp, old_logp, advantages, mask, normalizer, is_expert, expert_n
     l_grpo, metrics = grpo_loss(logp, old, adv, on, normalizer, ref_logp, entropy, eps_low, eps_high, dual_clip, beta,
                                 kl_estimator, entropy_coef, loss_agg, max_len)
     p = logp.detach().exp()  # (B, T) current probability of the expert token, no gradient through the weight
-    w = {"none": torch.ones_like(p), "phi": p * (1 - p), "is": p}[sft_weighting]  # Eq. 7 phi(p) = p(1 - p)
+    w = {"none": torch.ones_like(p), "phi": p * (1 - p), "is": p}[sft_weighting]  # (b) phi(p) = p(1 - p), no gradient
     l_sft = aggregate(-w * logp, ex, "token_mean", expert_normalizer)  # token mean over the expert tokens of the step
-    loss = (1 - mu) * l_grpo + mu * l_sft  # Eq. 5
+    loss = (1 - mu) * l_grpo + mu * l_sft  # (a)
     metrics.update(grpo_loss=l_grpo.detach(), sft_loss=l_sft.detach(),
                    expert_nll=(-logp.detach() * ex).sum() / ex.sum().clamp(min=1),
                    expert_weight=(w * ex).sum() / ex.sum().clamp(min=1))

@@ -1,8 +1,10 @@
-"""ReLIFT: Reinforcement Learning Interleaved with Online Fine-Tuning (Ma et al., arXiv 2506.07527, ICLR 2026).
+"""ReLIFT: "Learning What Reinforcement Learning Can't: Interleaved Online Fine-Tuning for Hardest Questions"
+(arXiv 2506.07527, ICLR 2026).
 A diff of grpo.py: GRPO as released, plus a buffer of the hardest questions (every rollout failed) and their
 demonstrations; whenever it holds M of them, one fine-tuning step on the newest M, then back to RL.
 
-Objective (paper §3; TheRoadQaQ/ReLIFT relift/verl/verl/relift/{trainer.py, actor.py, core_algos.py}):
+Objective (TheRoadQaQ/ReLIFT relift/verl/verl/relift/{trainer.py, actor.py, core_algos.py}; the paper's equation
+numbers are not checked here, the spec knows the paper through summaries):
     RL step, as released:   L_RL = sum_{i,t} -A_i r_it / (T_max x sequences) - c_H mean_t H_t
                             r_it = pi_theta / pi_old (no clip: loss_remove_clip=True), A_i = R_i - mean_G R (no std)
     hardest questions:      B <- [(q, y*_q) for q with sum_{i<=G} R_i(q) = 0] + B        (newest first)
@@ -133,7 +135,7 @@ PRESETS = {
     "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
     "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
-    "relift_paper": dict(clip=True, scale_rewards="group"),  # ReLIFT §3 writes clipped GRPO, std-normalised A
+    "relift_paper": dict(clip=True, scale_rewards="group"),  # the ReLIFT paper writes clipped GRPO, std A
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,

@@ -101,6 +101,21 @@ def test_chord_loss_matches_reference(weighting, mu, dual):
         assert float(m["dual_clip_frac"]) > 0
 
 
+def test_dual_clip_inf_is_the_chord_era_loss_without_dual_clip():
+    """--dual-clip inf (how the flag turns off the default c = 3) gives the plain clipped loss, with finite gradients
+    also on rows whose advantage is 0 (expert rows, equal-reward groups)."""
+    logp, old, adv, mask, e = _batch()
+    adv[2] = 0.0
+    out = []
+    for dual in (float("inf"), None):
+        lp = logp.clone().requires_grad_()
+        loss, _ = chord.chord_loss(lp, old, adv, mask, mask[~e].sum(), e, mask[e].sum(), 0.3, dual_clip=dual)
+        loss.backward()
+        out.append((loss, lp.grad))
+    torch.testing.assert_close(out[0], out[1])
+    assert bool(torch.isfinite(out[0][1]).all())
+
+
 def test_expert_rows_never_reach_ppo_and_onpolicy_rows_never_reach_sft():
     logp, old, adv, mask, e = _batch()
     z_on, z_ex = mask[~e].sum(), mask[e].sum()
@@ -181,6 +196,7 @@ def test_variants_recipe_and_explicit_override():
     assert (a.mu_decay_steps, a.max_steps, a.mu_peak) == (60, 60, 0.9)
     a = common.parse_args(chord.Args, ["--variant", "mu", "--mu-decay-steps", "200", "--sft-weighting", "is"], presets)
     assert (a.mu_decay_steps, a.sft_weighting) == (200, "is")
+    assert common.parse_args(chord.Args, ["--dual-clip", "inf"], presets).dual_clip == float("inf")
 
 
 def test_expert_batch_size_trinity_formula():

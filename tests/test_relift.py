@@ -220,3 +220,15 @@ def test_relift_end_to_end_separate_optimizers_and_resume(tmp_path):
         for key in ["train/reward", "train/buffer_size", "train/sft_steps", "train/loss", "train/sft_nll"]:
             if key in s:
                 assert r[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_relift_ddp_ranks_fine_tune_together(tmp_path):
+    """torchrun, 2 ranks: the buffer is gathered so both ranks take the fine-tuning step at the same time (a rank
+    that skipped it would leave the other blocked in DDP's gradient all-reduce until the timeout)."""
+    torchrun(REPO / "methods" / "relift.py", *SMALL, "--max-steps", 2, "--save-every", 0, "--output-dir", tmp_path,
+             timeout=300)
+    train = [r for r in _records(tmp_path) if "train/reward" in r]
+    assert len(train) == 2 and train[-1]["train/sft_steps"] >= 1
+    state = json.loads((tmp_path / "final" / "state.json").read_text())
+    assert len(state["buffer"]) == train[-1]["train/buffer_size"]
