@@ -1,4 +1,4 @@
-"""KDRL: GRPO plus on-policy knowledge distillation to a teacher, in one objective (Xu et al., arXiv 2506.02208).
+"""KDRL: GRPO plus on-policy knowledge distillation to a teacher, in one objective (arXiv 2506.02208).
 A diff of grpo.py (the base file of the rollout family): the KL term's reference model becomes a teacher, its
 estimator defaults to k2, its coefficient follows a schedule, and it can be masked by the reward.
 
@@ -196,6 +196,13 @@ def kd_sample_mask(rewards, group_size, mode="none"):
     raise ValueError(f"kd mask mode must be none, response or group, got {mode!r}")
 
 
+def check_kd_args(a):
+    """KDRL's coefficients, checked before training: a common.UserError naming the problem and the fix."""
+    if min(a.beta, a.beta_decay, a.beta_min) < 0:
+        raise common.UserError(f"--beta {a.beta}, --beta-decay {a.beta_decay} and --beta-min {a.beta_min} must be >= 0 "
+                               "(a negative KD coefficient would push the student away from the teacher)")
+
+
 def check_teacher(tokenizer, teacher_tokenizer, student_name, teacher_name):
     """KD scores the student's own token ids under the teacher: the two tokenizers must agree on the vocabulary
     (size and token -> id map) and the special tokens (pad, eos); otherwise a common.UserError naming both."""
@@ -231,6 +238,7 @@ def main():
     out = common.prepare_output_dir(args, d)
     model_path = common.resolve_model(args.model, d)
     tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
+    check_kd_args(args)  # kdrl
     teacher_path = common.resolve_model(args.teacher, d)  # kdrl: embedded:teacher is built once and cached
     check_teacher(tokenizer, common.load_tokenizer(teacher_path, args.trust_remote_code), args.model, args.teacher)
     embedded = args.dataset == "embedded"
@@ -345,8 +353,8 @@ def main():
                 mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
                     sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
-                kd_normalizer = (common.all_reduce(sum(b["kd_mask"].sum() for b in mbs)) / d.world_size
-                                 if args.kd_norm == "kept" else None)  # kdrl
+                kd_normalizer = (common.all_reduce(sum(b["kd_mask"].sum() for b in mbs)).clamp(min=1) / d.world_size
+                                 if args.kd_norm == "kept" else None)  # kdrl: no kept token anywhere -> KD term 0
                 for k, b in enumerate(mbs):
                     with common.no_sync(model, k == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)

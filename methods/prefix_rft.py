@@ -1,4 +1,4 @@
-"""Prefix-RFT: RL on hybrid trajectories, an expert prefix continued by the policy (Huang et al., arXiv 2507.01679).
+"""Prefix-RFT: RL on hybrid trajectories, an expert prefix continued by the policy (arXiv 2507.01679).
 A diff of grpo.py (the base file of the rollout family): only the rollout group, the advantage of prefix tokens and
 the defaults change.
 
@@ -10,8 +10,7 @@ All G share one Dr. GRPO advantage A_i = R_i - mean_G R (no std). The loss is th
 only if it is among the top 20% highest-entropy prefix tokens (entropy clipping; the others get A = 0):
     l_it = max(-A_it r_it, -A_it clip(r_it, 1-eps, 1+eps)),  and min(l_it, -c A_it) where A_it < 0  (c = 3)
     L = (1/B) sum_i sum_t l_it / L_max - 0.001 * entropy bonus          (Dr. GRPO aggregation, sum / max length)
-(the paper's equations are known here through secondary notes [spec methods_b.md §3]; the code below follows the
-official code where it exists).
+(the paper's equations are known through secondary notes, spec methods_b.md §3; the official code rules otherwise).
 
 Differs from grpo.py by:
 - rollout: G-1 ordinary completions + --num-prefix hybrids per prompt. A hybrid is built in token space: the first L
@@ -19,11 +18,16 @@ Differs from grpo.py by:
   policy continues after them (common.generate, n=1); the training sequence is prompt + prefix + continuation, the
   loss mask covers prefix + continuation and `prefix_mask` marks the prefix. The response (prefix + continuation) is
   cut to --max-new-tokens, as the official post_process_gen_batch truncates it.
-- prefix sampler `sample_prefix_len`: a pure function of (step, seed, sample key) with its own numpy RNG, so a run
-  is reproducible and resumes at any step; `prefix_low` is the official CosineDecayController.
+- prefix sampler `sample_prefix_len`: a pure function of (step, seed, sample key) with its own numpy RNG (a run is
+  reproducible and resumes at any step); `prefix_low` is the official CosineDecayController.
 - prefix_rft_loss: entropy-based clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss.
-- defaults: Dr. GRPO advantage and aggregation (--scale-rewards none, --loss-agg dr_grpo), dual clip 3.0, entropy
-  coefficient 0.001; demonstrations are loaded for the RL prompts (need_response=True).
+- old log-probs of prefix tokens are the student's, as for every token: old = current.detach() with one optimizer
+  step per rollout batch, else recomputed by the trainer after generation (grpo.py's rule; the official
+  post_process_gen_batch moves the prefix into the response before the actor recomputes them), never the expert's.
+- defaults: Dr. GRPO advantage and aggregation (--scale-rewards none, --loss-agg dr_grpo: the paper per secondary
+  notes), dual clip 3.0 (official core_algos compute_policy_loss, clip_ratio_c), entropy coefficient 0.001
+  (prefix_rft_trainer.yaml); demonstrations are loaded for the RL prompts (need_response=True; embedded: the
+  synthetic task's expert solutions of the "rl" split).
 
 Official code checked against: ZeroYuHuang/prefix_rft @ 5f5d2a1 (recipe/prefix_rft/rl_dataset.py `_get_prefix`,
 scheduler/global_step.py `BetaSampler`, `CosineDecayController`, dp_actor.py `reshape_func` "entropy",

@@ -169,6 +169,14 @@ def test_teacher_tokenizer_mismatch_is_a_user_error(change, needle):
     assert needle in msg and "'my/teacher'" in msg and "'my/student'" in msg and "--teacher" in msg, msg
 
 
+@pytest.mark.parametrize("flag", ["beta", "beta_decay", "beta_min"])
+def test_negative_kd_coefficients_are_a_user_error(flag):
+    with pytest.raises(common.UserError) as e:
+        kdrl.check_kd_args(kdrl.Args(**{flag: -1e-3}))
+    assert "must be >= 0" in str(e.value) and f"--{flag.replace('_', '-')} -0.001" in str(e.value)
+    kdrl.check_kd_args(kdrl.Args())  # the defaults pass
+
+
 def test_teacher_mismatch_stops_the_script_before_training(tmp_path):
     tok = _teacher_tokenizer("added")
     common.build_embedded_model(tok).save_pretrained(tmp_path / "teacher")
@@ -192,7 +200,7 @@ def test_kdrl_end_to_end(tmp_path):
     tokens (same temperature) equal the student's and the KL estimate is exactly 0; after an update it is not."""
     run_method("kdrl", "--teacher", "embedded:warm", "--max-steps", 3, "--prompts-per-step", 4, "--num-generations", 4,
                "--eval-every", 0, "--eval-size", 16, "--output-dir", tmp_path, "--quiet", "--temperature", 0.7,
-               "--kd-mask", "response", "--grad-accum", 2)
+               "--kd-mask", "response", "--kd-norm", "kept", "--grad-accum", 2)
     rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rec if "train/reward" in r]
     assert len(train) == 3
