@@ -155,7 +155,7 @@ def test_presets_and_defaults():
     a = common.parse_args(relift.Args, real + ["--preset", "relift_paper"], presets)
     assert (a.clip, a.scale_rewards) == (True, "group")
     a = common.parse_args(relift.Args, [], presets)  # embedded demo: a small M so the buffer fires
-    assert (a.sft_buffer_size, a.max_steps) == (16, 60)
+    assert (a.sft_buffer_size, a.max_steps, a.steps_per_generation) == (16, 60, 1)
 
 
 @pytest.mark.parametrize("agg", ["dr_grpo", "dapo"])
@@ -181,7 +181,7 @@ def _records(out):
 
 
 SMALL = ["--prompts-per-step", 8, "--num-generations", 4, "--sft-buffer-size", 2, "--eval-every", 0, "--eval-size",
-         16, "--max-new-tokens", 24, "--quiet"]
+         16, "--max-new-tokens", 24, "--steps-per-generation", 2, "--quiet"]
 
 
 @pytest.mark.slow
