@@ -207,6 +207,12 @@ class HardestBuffer:
         return batch
 
 
+def demonstration(tokenizer, text, max_tokens):
+    """Response ids of a fine-tuning example: the dataset's demonstration cut to max_tokens, then EOS (trainer.py
+    replace_response_in_batch; the scripts cut at the 8192-token response length)."""
+    return tokenizer(str(text), add_special_tokens=False)["input_ids"][:max_tokens] + [tokenizer.eos_token_id]
+
+
 def overlong_penalty(length, max_len, buffer, penalty):
     """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
     if buffer <= 0:
@@ -378,8 +384,8 @@ def main():
         sft_batch, sft_metrics = buffer.take(), {}
         if sft_batch is not None:
             mine = sft_batch[d.rank::d.world_size]  # this rank's share of the newest M
-            demos = [(train[i]["prompt_ids"], tokenizer(str(train[i]["response"]), add_special_tokens=False)[
-                "input_ids"][:args.max_new_tokens] + [tokenizer.eos_token_id]) for i in mine]  # demo + EOS
+            demos = [(train[i]["prompt_ids"], demonstration(tokenizer, train[i]["response"], args.max_new_tokens))
+                     for i in mine]
             k_mb = args.sft_micro_batch_size
             sft_mbs = [common.collate(demos[i:i + k_mb], tokenizer.pad_token_id, d.device)
                        for i in range(0, len(demos), k_mb)]

@@ -142,6 +142,14 @@ def test_buffer_fires_at_m_on_the_newest_and_keeps_the_rest():
     assert restored.take() == [9, 10]
 
 
+def test_demonstration_is_cut_then_ends_with_eos():
+    import common
+    tok = common.build_embedded_tokenizer()
+    ids = tok("7+8=15#15", add_special_tokens=False)["input_ids"]
+    assert relift.demonstration(tok, "7+8=15#15", 100) == ids + [tok.eos_token_id]
+    assert relift.demonstration(tok, "7+8=15#15", 4) == ids[:4] + [tok.eos_token_id]
+
+
 def test_presets_and_defaults():
     import common
     presets = {"preset": relift.PRESETS, "recipe": relift.RECIPES}
