@@ -770,7 +770,13 @@ class MetricsLogger:
         if not d.is_main:
             return
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
+            keep = []
+            for ln in self.path.read_text().splitlines():
+                try:  # a run killed mid-write leaves a partial last line
+                    if json.loads(ln).get("step", 0) <= start:
+                        keep.append(ln)
+                except json.JSONDecodeError:
+                    pass
             self.path.write_text("".join(ln + "\n" for ln in keep))
         if not quiet:
             from tqdm import tqdm

@@ -170,9 +170,17 @@ def _grad_buffers(N, d, V, need_h, need_w, need_b, device):
 
 
 def _scatter_rows_add_(dst, index, rows):
-    """dst[index[i]] += rows[i] with repeated indices accumulated (index_put_ with
-    accumulate=True: on CPU much faster than index_add_ into a large tensor)."""
-    dst.index_put_((index,), rows, accumulate=True)
+    """dst[index[i]] += rows[i] with repeated indices accumulated, deterministically.
+
+    index_put_(accumulate=True) alone is fast on CPU but adds colliding rows in thread
+    order (run-to-run differences of ~1e-7 that break bit-exact resume), and index_add_
+    is deterministic but ~5x slower.  So: sort by index, sum each run of equal indices
+    with segment_reduce (sequential within a segment), then add the distinct rows with
+    index_put_ (no collisions, so thread order cannot matter)."""
+    sorted_index, order = torch.sort(index, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_index, return_counts=True)
+    summed = torch.segment_reduce(rows.index_select(0, order), "sum", lengths=counts)
+    dst.index_put_((uniq,), summed, accumulate=True)
 
 
 def _rowdot_(a, b):
