@@ -169,18 +169,33 @@ def _grad_buffers(N, d, V, need_h, need_w, need_b, device):
             new(V, **f32) if need_b else None)
 
 
-def _scatter_rows_add_(dst, index, rows):
-    """dst[index[i]] += rows[i] with repeated indices accumulated, deterministically.
+def _combine_repeats(t, vals):
+    """Make a later scatter-add order-independent: vals (n, K) for targets t (n, K).
 
-    index_put_(accumulate=True) alone is fast on CPU but adds colliding rows in thread
-    order (run-to-run differences of ~1e-7 that break bit-exact resume), and index_add_
-    is deterministic but ~5x slower.  So: sort by index, sum each run of equal indices
-    with segment_reduce (sequential within a segment), then add the distinct rows with
-    index_put_ (no collisions, so thread order cannot matter)."""
-    sorted_index, order = torch.sort(index, stable=True)
-    uniq, counts = torch.unique_consecutive(sorted_index, return_counts=True)
-    summed = torch.segment_reduce(rows.index_select(0, order), "sum", lengths=counts)
-    dst.index_put_((uniq,), summed, accumulate=True)
+    Where a token repeats within a row (K samples drawn with replacement), its first
+    occurrence gets the sum of the repeats' values (summed in k order) and the others 0,
+    so each (row, token) receives at most one non-zero addend: the result of the
+    scatter-add cannot depend on thread order (bit-reproducible runs, CPU and CUDA),
+    and no host sync is needed.  (n, K, K) work, negligible next to a tile.
+    """
+    K = t.shape[1]
+    if K == 1:
+        return vals
+    same = t[:, :, None] == t[:, None, :]  # (n, K, K)
+    summed = (same * vals[:, None, :]).sum(-1)  # (n, K)
+    earlier = torch.ones(K, K, dtype=torch.bool, device=t.device).tril(-1)  # k' < k
+    first = ~(same & earlier).any(-1)
+    return torch.where(first, summed, 0.0)
+
+
+def _scatter_block_(z, t, vals, v0, v1):
+    """z[i, t[i, k] - v0] += vals[i, k] for the targets inside block [v0, v1).
+
+    Targets outside the block add an exact 0.0 at a clamped column, which changes
+    nothing, so no branch (and no host sync) is needed."""
+    inside = (t >= v0) & (t < v1)
+    idx = (t - v0).clamp(0, v1 - v0 - 1)
+    z.scatter_add_(1, idx, torch.where(inside, vals, 0.0))
 
 
 def _rowdot_(a, b):
@@ -248,10 +263,11 @@ class _FusedLogprobs(torch.autograd.Function):
         d H / d(z/T)_v       = -p_v (log p_v + H)
         dL/dz_v = (1/T) [ sum_k g_k 1[v = t_k]  +  p_v (c - g_H log p_v) ],  c = -G - g_H H
 
-    The one-hot part touches only K entries per row and is added with gathers /
-    scatter-adds of (n x d) rows.  Without an entropy gradient the tile part is the
-    row-scaled softmax p * (-G / T), so the row scale is folded into the (n x d)
-    operands instead of the (n x w) tile:  dh = diag(-G/T) (P W),  dW += P^T diag(-G/T) h.
+    Each tile is turned in place into dL/dz (the one-hot part is a scatter-add of K
+    entries per row into the tile), then  dh += dz W_blk  and  dW_blk += dz^T h.
+    Putting the one-hot part into the tile (rather than scatter-adding (n x d) rows
+    into dW afterwards, where different rows collide on the same token) keeps the
+    weight gradient bit-reproducible without sorting or host syncs.
     """
 
     @staticmethod
@@ -334,10 +350,9 @@ class _FusedLogprobs(torch.autograd.Function):
                         g_h = g_ent[c0:c1].float()
                         c_row = c_row - g_h * ent[c0:c1]
                         g_h_col = (g_h * inv_t)[:, None]
-                    c_row = c_row * inv_t  # (n,)
-                    c_col = c_row[:, None]
-                    h_scaled = None if use_ent else h * c_col  # (n, d) operand for dW
-                    acc = torch.empty(n, d, **f32)  # dL/dh for this chunk
+                    c_col = (c_row * inv_t)[:, None]  # (n, 1)
+                    onehot = _combine_repeats(t, g * inv_t)  # (n, K): g_k / T at column t_k
+                    acc = dh[c0:c1] if need_h else None  # dL/dh rows of this chunk (n, d)
                     more = c0 > 0  # dW, db already hold earlier chunks
 
                     for v0, v1 in _spans(V, vocab_chunk):
@@ -345,35 +360,17 @@ class _FusedLogprobs(torch.autograd.Function):
                         z.sub_(lse_c)  # log p   (n, w)
                         if use_ent:
                             p = torch.exp(z, out=tmp[: z.numel()].view_as(z))
-                            # z <- p * (c/T - (g_H/T) log p)  = dL/dz minus the one-hot part
+                            # z <- p * (c/T - (g_H/T) log p)
                             torch.addcmul(c_col, z, g_h_col, value=-1.0, out=z).mul_(p)
-                            if need_h:
-                                _mm_into(acc, z, w_blk, v0 > 0)
-                            if need_w:
-                                _mm_into(dW[v0:v1], z.t(), h, more)
-                            if need_b:
-                                _mv_into(db[v0:v1], z.t(), ones[:n], more)
                         else:
-                            z.exp_()  # p; the row scale c/T lives in the (n x d) operands
-                            if need_h:
-                                _mm_into(acc, z, w_blk, v0 > 0)
-                            if need_w:
-                                _mm_into(dW[v0:v1], z.t(), h_scaled, more)
-                            if need_b:
-                                _mv_into(db[v0:v1], z.t(), c_row, more)
-                    if need_h and not use_ent:
-                        acc.mul_(c_col)
-
-                    # one-hot part: (g_k / T) at column t_k
-                    g_t = g * inv_t  # (n, K)
-                    flat_t = t.reshape(-1)
-                    if need_h:
-                        acc += torch.einsum("nk,nkd->nd", g_t, weight[t].float())
-                        dh[c0:c1] = acc
-                    if need_w:
-                        _scatter_rows_add_(dW, flat_t, (g_t[:, :, None] * h[:, None, :]).reshape(-1, d))
-                    if need_b:
-                        _scatter_rows_add_(db, flat_t, g_t.reshape(-1))
+                            z.exp_().mul_(c_col)  # p * c/T
+                        _scatter_block_(z, t, onehot, v0, v1)  # z = dL/dz for this block
+                        if need_h:
+                            _mm_into(acc, z, w_blk, v0 > 0)
+                        if need_w:
+                            _mm_into(dW[v0:v1], z.t(), h, more)
+                        if need_b:
+                            _mv_into(db[v0:v1], z.t(), ones[:n], more)
 
         grad_h = dh.to(hidden.dtype) if need_h else None
         grad_w = dW.to(weight.dtype) if need_w else None
@@ -651,6 +648,7 @@ class _ExpectedRewardLogprob(torch.autograd.Function):
                 g = g_out[c0:c1].float()  # (n,)
                 qt = q_t[c0:c1]
                 s_col = (beta + (1.0 - beta) * qt)[:, None]  # S = sum_a w_a
+                onehot = ((1.0 - beta) * qt)[:, None]  # (n, 1) extra weight of the target
                 h_scaled = h * g[:, None]
                 acc = torch.empty(n, d, **f32)
                 more = c0 > 0
@@ -660,22 +658,15 @@ class _ExpectedRewardLogprob(torch.autograd.Function):
                     q.sub_(lse_q[c0:c1, None]).exp_()  # q
                     z.sub_(lse[c0:c1, None]).exp_()  # p
                     z.mul_(s_col).neg_().add_(q, alpha=beta)  # beta q - S p   (n, w)
+                    _scatter_block_(z, t[:, None], onehot, v0, v1)  # + (1 - beta) q_t at the target
                     if need_h:
                         _mm_into(acc, z, w_blk, v0 > 0)
                     if need_w:
                         _mm_into(dW[v0:v1], z.t(), h_scaled, more)
                     if need_b:
                         _mv_into(db[v0:v1], z.t(), g, more)
-                acc.mul_(g[:, None])
-                # one-hot part (1 - beta) q_t at the target column
-                coef = g * (1.0 - beta) * qt  # (n,)
                 if need_h:
-                    acc += coef[:, None] * weight[t].float()
-                    dh[c0:c1] = acc
-                if need_w:
-                    _scatter_rows_add_(dW, t, coef[:, None] * h)
-                if need_b:
-                    _scatter_rows_add_(db, t, coef)
+                    dh[c0:c1] = acc.mul_(g[:, None])
 
         grad_h = dh.to(hidden.dtype) if need_h else None
         grad_w = dW.to(weight.dtype) if need_w else None
