@@ -205,7 +205,11 @@ def test_relift_end_to_end_separate_optimizers_and_resume(tmp_path):
         assert k in train[0], k
     fired = [r for r in train if "train/sft_nll" in r]
     assert fired and train[-1]["train/sft_steps"] == len(fired)
-    assert all(r["train/buffer_size"] < 2 for r in fired)  # after taking M = 2, fewer than M remain
+    size = 0  # every hardest prompt joins the buffer; a firing takes the newest M = 2 and keeps the rest (code)
+    for r in train:
+        size += round(r["train/frac_hardest"] * 8) - (2 if "train/sft_nll" in r else 0)
+        assert r["train/buffer_size"] == size
+        assert ("train/sft_nll" in r) == (size + (2 if "train/sft_nll" in r else 0) >= 2)
     assert train[0]["train/sft_steps"] >= 1 and train[0]["train/buffer_size"] + 2 * train[0]["train/sft_steps"] == (
         round(train[0]["train/frac_hardest"] * 8))  # every hardest prompt went into the buffer
     # two optimizers with their own state: RL stepped 2 x 3 times, the fine-tuning optimizer once per firing
