@@ -172,20 +172,26 @@ def _grad_buffers(N, d, V, need_h, need_w, need_b, device):
 def _combine_repeats(t, vals):
     """Make a later scatter-add order-independent: vals (n, K) for targets t (n, K).
 
-    Where a token repeats within a row (K samples drawn with replacement), its first
-    occurrence gets the sum of the repeats' values (summed in k order) and the others 0,
-    so each (row, token) receives at most one non-zero addend: the result of the
+    Where a token repeats within a row (K samples drawn with replacement), the row is
+    sorted by token (stable) and the last occurrence of each token gets the sum of its
+    repeats' values (a difference of running sums along the sorted row), the others an
+    exact 0.0. Each (row, token) then receives at most one non-zero addend, so the
     scatter-add cannot depend on thread order (bit-reproducible runs, CPU and CUDA),
-    and no host sync is needed.  (n, K, K) work, negligible next to a tile.
+    and no host sync is needed. O(n K log K) work. Returns (sorted targets, values).
     """
     K = t.shape[1]
     if K == 1:
-        return vals
-    same = t[:, :, None] == t[:, None, :]  # (n, K, K)
-    summed = (same * vals[:, None, :]).sum(-1)  # (n, K)
-    earlier = torch.ones(K, K, dtype=torch.bool, device=t.device).tril(-1)  # k' < k
-    first = ~(same & earlier).any(-1)
-    return torch.where(first, summed, 0.0)
+        return t, vals
+    ts, perm = t.sort(dim=1, stable=True)  # (n, K)
+    cs = vals.gather(1, perm).cumsum(1)  # running sums in sorted order
+    new = torch.ones_like(ts, dtype=torch.bool)
+    new[:, 1:] = ts[:, 1:] != ts[:, :-1]  # first occurrence of a token
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]  # last occurrence of a token
+    ar = torch.arange(K, device=t.device).expand_as(ts)
+    start = torch.where(new, ar, 0).cummax(1).values  # index of the first occurrence
+    before = torch.cat([torch.zeros_like(cs[:, :1]), cs[:, :-1]], 1).gather(1, start)  # running sum before it
+    return ts, torch.where(last, cs - before, 0.0)
 
 
 def _scatter_block_(z, t, vals, v0, v1):
@@ -351,7 +357,7 @@ class _FusedLogprobs(torch.autograd.Function):
                         c_row = c_row - g_h * ent[c0:c1]
                         g_h_col = (g_h * inv_t)[:, None]
                     c_col = (c_row * inv_t)[:, None]  # (n, 1)
-                    onehot = _combine_repeats(t, g * inv_t)  # (n, K): g_k / T at column t_k
+                    t, onehot = _combine_repeats(t, g * inv_t)  # (n, K): g_k / T at column t_k
                     acc = dh[c0:c1] if need_h else None  # dL/dh rows of this chunk (n, d)
                     more = c0 > 0  # dW, db already hold earlier chunks
 
