@@ -1,0 +1,307 @@
+"""Benchmark: our methods/sft.py and methods/grpo.py against Hugging Face TRL (SFTTrainer, GRPOTrainer), same work.
+
+    ./run.sh bench                                   # kernel benchmark, then this file on the embedded default
+    python tests/bench_trl.py                        # this file only
+    python tests/bench_trl.py --model Qwen/Qwen2.5-0.5B-Instruct --sft-steps 20 --grpo-steps 6
+
+What is compared (the settings come from our own files: `--recipe embedded` resolved by common.parse_args, then
+copied into TRL's config, so both sides always run the same work):
+- SFT: the same model (embedded: random init), tokenizer and chat template, the same demonstrations (embedded sft
+  split, given to TRL as a conversational prompt-completion dataset so the prompt is masked and EOS is a target),
+  batch size, max length, AdamW (torch.optim.AdamW on both: TRL's optim="adamw_torch"), betas, weight decay, cosine
+  schedule with the same warmup steps, grad clip, fp32. Reported: non-pad tokens per second of each optimizer
+  step (median after --warmup steps) and the loss trajectory.
+- GRPO: the same warm start (embedded:warm), prompts (embedded rl split, conversational), G, prompts per step,
+  max new tokens, temperature, top_p, top_k = 0, loss type (our --loss-agg = TRL loss_type), reward scaling, clip
+  epsilons, beta = 0 (no reference model), one optimizer step per generation, HF generate with a KV cache on both.
+  Reported: seconds per step split into generation (rollout: sampling, decoding, rewards) and training (the rest),
+  median after --warmup steps, and the reward trajectory.
+- Peak memory: each side runs in a fresh child process; its peak resident set (ru_maxrss from wait4) is reported,
+  the whole process (imports, model, data, optimizer, generation, our start/end evaluation on --eval-size rows).
+- Step time: ours from metrics.jsonl (perf/step_time for SFT; perf/gen_time + perf/train_time for GRPO); TRL from
+  a callback, the interval between consecutive on_step_end calls (so it includes data loading, as ours does), with
+  the generation part timed around GRPOTrainer._generate_and_score_completions.
+- Threads: both sides get the same OMP/torch thread count (--threads, default 1: on a 0.6M-parameter model the
+  operations are too small to split, and on a shared machine an OpenMP thread that is descheduled stalls every
+  operation; with 2 threads and another busy process we measured GRPO generation 50x slower).
+The ratios (ours / TRL) are printed and written to <out>/summary.md, with the raw per-step numbers in results.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+TARGETS = {"sft_tokens_per_s": 1.3, "grpo_step_s": 0.67, "peak_mb": 1.0}  # issue 11: ours/TRL >= 1.3, <= 0.67, <= 1
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="any causal LM; default: embedded for SFT, embedded:warm for GRPO")
+    ap.add_argument("--sft-steps", type=int, default=40, help="optimizer steps per SFT run")
+    ap.add_argument("--grpo-steps", type=int, default=10, help="rollout steps per GRPO run")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians")
+    ap.add_argument("--loss-type", default="dapo", choices=["dapo", "dr_grpo", "grpo"], help="GRPO aggregation, both")
+    ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads, the same for both sides")
+    ap.add_argument("--eval-size", type=int, default=8, help="our start/end held-out evaluation (not timed)")
+    ap.add_argument("--only", default=None, choices=["sft", "grpo"], help="run one of the two comparisons")
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="summary.md and results.json go here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: trl_sft | trl_grpo
+    ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: json file with the job
+    return ap.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared settings: our own argument parser resolves the embedded recipe; TRL gets the same values.
+# ----------------------------------------------------------------------------------------------------------------
+def our_argv(kind, a):
+    model = a.model or ("embedded" if kind == "sft" else "embedded:warm")
+    argv = ["--model", model, "--recipe", "embedded", "--eval-size", str(a.eval_size), "--eval-every", "0",
+            "--save-every", "0", "--quiet"]
+    if kind == "sft":
+        return argv + ["--max-steps", str(a.sft_steps)]
+    return argv + ["--max-steps", str(a.grpo_steps), "--loss-agg", a.loss_type]
+
+
+def resolved(kind, argv):
+    import common
+    from tests_util import load_method
+    m = load_method(kind)
+    presets = {"recipe": m.RECIPES} if kind == "sft" else {"preset": m.PRESETS, "recipe": m.RECIPES}
+    return vars(common.parse_args(m.Args, argv, presets=presets))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Children: each side in a fresh process, peak resident set from wait4
+# ----------------------------------------------------------------------------------------------------------------
+def spawn(cmd, log_path):
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = Path(log_path).read_text()[-3000:]
+        raise SystemExit(f"benchmark child failed: {' '.join(map(str, cmd))}\n{tail}")
+    return usage.ru_maxrss / 1024  # Linux: KiB -> MiB
+
+
+def run_ours(kind, a, work):
+    out = work / f"ours_{kind}"
+    cmd = [sys.executable, str(REPO / "methods" / f"{kind}.py"), *our_argv(kind, a), "--output-dir", str(out),
+           "--overwrite"]
+    t0 = time.perf_counter()
+    peak = spawn(cmd, work / f"ours_{kind}.log")
+    wall = time.perf_counter() - t0
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "perf/tokens" in r]
+    res = {"peak_mb": peak, "wall_s": wall, "cmd": " ".join(cmd[1:])}
+    if kind == "sft":
+        tokens = [b["perf/tokens"] - a_["perf/tokens"] for a_, b in zip([{"perf/tokens": 0}] + steps, steps)]
+        res.update(step_s=[r["perf/step_time"] for r in steps], tokens=tokens, loss=[r["train/loss"] for r in steps])
+    else:
+        res.update(gen_s=[r["perf/gen_time"] for r in steps], train_s=[r["perf/train_time"] for r in steps],
+                   reward=[r["train/reward"] for r in steps], loss=[r["train/loss"] for r in steps])
+        res["step_s"] = [g + t for g, t in zip(res["gen_s"], res["train_s"])]
+    return res
+
+
+def run_trl(kind, a, work):
+    job = work / f"trl_{kind}.json"
+    argv = our_argv(kind, a)
+    job.write_text(json.dumps({"args": resolved(kind, argv), "threads": a.threads, "out": str(work / f"trl_{kind}")},
+                              default=str))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"trl_{kind}", "--job", str(job)]
+    t0 = time.perf_counter()
+    peak = spawn(cmd, work / f"trl_{kind}.log")
+    res = json.loads((work / f"trl_{kind}" / "result.json").read_text())
+    res.update(peak_mb=peak, wall_s=time.perf_counter() - t0, cmd="TRL " + kind)
+    return res
+
+
+class StepTimer:
+    """A transformers TrainerCallback (duck-typed): the interval between consecutive on_step_end calls, and logs."""
+
+    def __init__(self):
+        self.step_s, self.logs, self.last = [], [], None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.step_s.append(now - self.last)
+        self.last = now
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append(dict(logs or {}))
+
+    def __getattr__(self, name):  # every other callback event: do nothing
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+def trl_worker(kind, job):
+    """Child process: build TRL's trainer with our resolved settings, train, write result.json."""
+    cfg = json.loads(Path(job).read_text())
+    a, out = cfg["args"], Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    torch.set_num_threads(cfg["threads"])
+    import datasets
+    from transformers import AutoModelForCausalLM
+    import common
+    path = common.resolve_model(a["model"])
+    tokenizer = common.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    timer = StepTimer()
+    common_cfg = dict(output_dir=str(out / "trainer"), max_steps=a["max_steps"], learning_rate=a["lr"],
+                      adam_beta1=a["beta1"], adam_beta2=a["beta2"], weight_decay=a["weight_decay"],
+                      max_grad_norm=a["max_grad_norm"], optim="adamw_torch", use_cpu=True, bf16=False,
+                      gradient_checkpointing=a["gradient_checkpointing"], gradient_accumulation_steps=a["grad_accum"],
+                      logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=a["seed"],
+                      dataloader_num_workers=0)
+    if kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+        rows = common.load_examples("embedded", embedded_split="sft")
+        rows = common.tokenize_examples(tokenizer, rows, a["max_length"], log=lambda *_: None)  # same rows as ours
+        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                          "completion": [{"role": "assistant", "content": r["response"]}]}
+                                         for r in rows])
+        tokens = []
+
+        class Trainer(SFTTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                tokens.append(int(inputs["attention_mask"].sum()))  # non-pad tokens, as ours counts
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        conf = SFTConfig(per_device_train_batch_size=a["batch_size"] // a["grad_accum"], max_length=a["max_length"],
+                         lr_scheduler_type="cosine", warmup_steps=int(a["warmup_ratio"] * a["max_steps"]),
+                         **common_cfg)
+        trainer = Trainer(model=model, args=conf, train_dataset=ds, processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+        res = {"step_s": timer.step_s, "tokens": tokens, "loss": [lg["loss"] for lg in timer.logs if "loss" in lg]}
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+        rows = common.load_examples("embedded", need_response=False, embedded_split="rl")
+        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                                         for r in rows])
+
+        def reward(completions, answer, **kw):  # our exact-match reward on the completion text
+            return [common.exact_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": x})
+                    for c, x in zip(completions, answer)]
+
+        gen_s = []
+
+        class Trainer(GRPOTrainer):
+            def _generate_and_score_completions(self, inputs):
+                t0 = time.perf_counter()
+                batch = super()._generate_and_score_completions(inputs)
+                gen_s.append(time.perf_counter() - t0)
+                return batch
+
+        G = a["num_generations"]
+        conf = GRPOConfig(per_device_train_batch_size=a["prompts_per_step"] * G // a["grad_accum"],
+                          num_generations=G, steps_per_generation=a["steps_per_generation"] * a["grad_accum"],
+                          num_iterations=a["num_iterations"], max_completion_length=a["max_new_tokens"],
+                          temperature=a["temperature"], top_p=a["top_p"], top_k=0, loss_type=a["loss_agg"],
+                          scale_rewards=a["scale_rewards"], beta=a["beta"], epsilon=a["eps_low"],
+                          epsilon_high=a["eps_high"], mask_truncated_completions=a["mask_truncated"],
+                          lr_scheduler_type="constant_with_warmup" if a["warmup_steps"] else "constant",
+                          warmup_steps=a["warmup_steps"], **common_cfg)
+        trainer = Trainer(model=model, reward_funcs=reward, args=conf, train_dataset=ds, processing_class=tokenizer,
+                          callbacks=[timer])
+        trainer.train()
+        logs = [lg for lg in timer.logs if "reward" in lg]
+        res = {"step_s": timer.step_s, "gen_s": gen_s, "train_s": [s - g for s, g in zip(timer.step_s, gen_s)],
+               "reward": [lg["reward"] for lg in logs], "loss": [lg["loss"] for lg in logs]}
+    (out / "result.json").write_text(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------------------------
+def med(xs, warmup):
+    xs = xs[warmup:] if len(xs) > warmup else xs
+    return statistics.median(xs)
+
+
+def summarise(results, a):
+    lines, checks = ["| measure | ours | TRL | ours / TRL | target |", "|---|---|---|---|---|"], []
+
+    def row(name, ours, trl, target=None, higher_better=False, fmt="{:.3f}"):
+        ratio = ours / trl
+        ok = None if target is None else (ratio >= target if higher_better else ratio <= target)
+        tgt = "" if target is None else f"{'>=' if higher_better else '<='} {target} ({'met' if ok else 'MISSED'})"
+        lines.append(f"| {name} | {fmt.format(ours)} | {fmt.format(trl)} | {ratio:.2f} | {tgt} |")
+        if ok is not None:
+            checks.append(ok)
+
+    w = a.warmup
+    if "sft" in results:
+        o, t = results["sft"]["ours"], results["sft"]["trl"]
+        tps = [[n / s for n, s in zip(r["tokens"], r["step_s"])] for r in (o, t)]
+        row("SFT tokens/s (median)", med(tps[0], w), med(tps[1], w), TARGETS["sft_tokens_per_s"], True, "{:.0f}")
+        row("SFT s/step (median)", med(o["step_s"], w), med(t["step_s"], w))
+        row("SFT peak RSS MB", o["peak_mb"], t["peak_mb"], TARGETS["peak_mb"], fmt="{:.0f}")
+    if "grpo" in results:
+        o, t = results["grpo"]["ours"], results["grpo"]["trl"]
+        row("GRPO s/step (median)", med(o["step_s"], w), med(t["step_s"], w), TARGETS["grpo_step_s"])
+        row("GRPO generation s/step", med(o["gen_s"], w), med(t["gen_s"], w))
+        row("GRPO training s/step", med(o["train_s"], w), med(t["train_s"], w))
+        row("GRPO peak RSS MB", o["peak_mb"], t["peak_mb"], TARGETS["peak_mb"], fmt="{:.0f}")
+    traj = []
+    for kind, key in (("sft", "loss"), ("grpo", "reward")):
+        for side in ("ours", "trl"):
+            if kind in results:
+                v = results[kind][side][key]
+                k = max(len(v) // 4, 1)
+                traj.append(f"- {kind} {key} {side:4s}: first {[round(x, 3) for x in v[:3]]}, last "
+                            f"{[round(x, 3) for x in v[-3:]]}, mean of the last {k}: {statistics.fmean(v[-k:]):.3f}")
+    head = (f"Ours vs TRL on the same work ({a.model or 'embedded default'}; {a.threads} thread(s); medians over "
+            f"steps after the first {w}; SFT {a.sft_steps} steps, GRPO {a.grpo_steps} steps, loss type {a.loss_type})")
+    return "\n".join([head, "", *lines, "", "Trajectories (same settings, different sample order):", *traj]), checks
+
+
+def main():
+    a = parse()
+    if a.worker:
+        return trl_worker(a.worker.split("_", 1)[1], a.job)
+    os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))  # both sides alike
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import common
+    for kind in ("sft", "grpo"):  # build the cached embedded checkpoints first, outside any timing
+        if a.only in (None, kind):
+            common.resolve_model(a.model or ("embedded" if kind == "sft" else "embedded:warm"))
+    import trl
+    results, t_start = {}, time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        work = Path(tmp)
+        for kind in ("sft", "grpo"):
+            if a.only not in (None, kind):
+                continue
+            results[kind] = {}
+            for side, fn in (("ours", run_ours), ("trl", run_trl)):
+                print(f"[bench] {kind} {side} ...", flush=True)
+                results[kind][side] = r = fn(kind, a, work)
+                print(f"[bench] {kind} {side}: {len(r['step_s'])} steps, median {med(r['step_s'], a.warmup):.3f} "
+                      f"s/step, peak {r['peak_mb']:.0f} MB, {r['wall_s']:.0f} s wall", flush=True)
+    table, checks = summarise(results, a)
+    footer = (f"\ntrl {trl.__version__}; the benchmark took {time.perf_counter() - t_start:.0f} s; "
+              f"command: python tests/bench_trl.py {' '.join(sys.argv[1:])}")
+    print("\n" + table + footer)
+    (out / "summary.md").write_text(table + "\n" + footer + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"[bench] wrote {out / 'summary.md'} ({sum(checks)}/{len(checks)} targets met)")
+
+
+if __name__ == "__main__":
+    main()
