@@ -1,7 +1,8 @@
 """Plumbing shared by every method file: nothing here reads a method's hyperparameters or changes a gradient.
 
 Sections: arguments | distributed | embedded default (tiny model, char tokenizer, arithmetic task) |
-model and tokenizer loading | data | generation (HF, vLLM) | rewards | evaluation | checkpoints | logging.
+model and tokenizer loading | data | generation (HF, vLLM) | rewards | evaluation | checkpoints | logging |
+paper recipes (dataset and benchmark presets, model shapes, --dry-run).
 
 Importing this module has no side effects (no torch.distributed init, no file writes); heavy imports
 (transformers, datasets, math_verify, vllm) happen inside the functions that need them.
@@ -59,7 +60,9 @@ def parse_args(cls, argv=None, presets=None):
     """Parse command-line flags into the dataclass `cls`.
 
     presets: {field: {value: {other_field: value}}}, e.g. {"preset": {"dapo": {"eps_high": 0.28}}}. After parsing,
-    the chosen preset fills every field the user did not set explicitly; explicit flags always win.
+    the chosen preset fills every field the user did not set explicitly; explicit flags always win. An entry may
+    choose another table's entry (a recipe its preset: {"recipe": {"dapo": {"preset": "dapo", ...}}}) and may build
+    on an entry of its own table (base="paper"). args._sources records which entry set which field.
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
@@ -85,18 +88,24 @@ def parse_args(cls, argv=None, presets=None):
     explicit = {a.dest for a in parser._actions if a.option_strings and any(
         o in (argv if argv is not None else sys.argv[1:]) or any(x.startswith(o + "=") for x in (argv or sys.argv[1:]))
         for o in a.option_strings)}
-    values = vars(ns)
-    for key, table in (presets or {}).items():
-        choice = values.get(key)
-        if choice == "auto":  # a table may pick its entry from the other values, e.g. the embedded recipe
-            choice = values[key] = table["auto"](values)
-        if choice is None:
-            continue
-        for name, v in table[choice].items():
+    values, sources, tables = vars(ns), {}, presets or {}
+
+    def entry(table, choice):  # [(field, value, entry)]; `base="other"` puts entry `other` underneath
+        e = table[choice] if choice is not None else {}
+        return [*(entry(table, e["base"]) if "base" in e else []), *((k, v, choice) for k, v in e.items() if k != "base")]
+    for key, table in tables.items():
+        if values.get(key) == "auto":  # a table may pick its entry from the other values, e.g. the embedded recipe
+            values[key] = table["auto"](values)
+        for other, v, e in entry(table, values.get(key)):
+            if other in tables and other not in explicit:  # an entry may choose another table's (a recipe, its preset)
+                values[other], sources[other] = v, f"{key} {e}"
+    for key, table in tables.items():
+        for name, v, e in entry(table, values.get(key)):
             if name not in explicit:
-                values[name] = v
+                values[name], sources[name] = v, f"{key} {e}"
     args = cls(**values)
     args._explicit = sorted(explicit)  # recorded in config.json
+    args._sources = sources  # which table set which value (recorded in config.json, printed by --dry-run)
     return args
 
 
@@ -390,7 +399,10 @@ def _check_model_path(path):
 # ----------------------------------------------------------------------------------------------------------------
 def load_examples(dataset, split="train", prompt_column="prompt", response_column="response",
                   answer_column="answer", need_response=True, embedded_split="sft", limit=None):
-    """`embedded` -> the synthetic task; a local .json/.jsonl/.parquet/.csv file; or a hub dataset name."""
+    """`embedded` -> the synthetic task; a preset (DATASETS) or NAME:FILE; a local .json/.jsonl/.parquet/.csv file; or a
+    hub dataset name."""
+    if dataset.partition(":")[0] in DATASETS:  # a paper's dataset: hub name, split, fields and system prompt preset
+        return load_preset(dataset, need_response, limit)
     if dataset == "embedded":
         rows = embedded_task(embedded_split)
         return rows[:limit] if limit else rows
@@ -440,7 +452,7 @@ def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_resp
     target so the model learns to stop). Rows longer than max_length are dropped and counted; an error if all are."""
     out, too_long, empty = [], 0, 0
     for r in rows:
-        p = encode_prompt(tokenizer, r["prompt"], system_prompt)
+        p = encode_prompt(tokenizer, r["prompt"], system_prompt if system_prompt is not None else r.get("system"))
         if with_response:
             if not r.get("response") or not str(r["response"]).strip():
                 empty += 1
@@ -857,3 +869,279 @@ def peak_memory_mb(device):
 
 def timer():
     return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paper recipes: dataset and benchmark presets, model shapes, and --dry-run (config, batch, memory; loads nothing)
+# ----------------------------------------------------------------------------------------------------------------
+PROMPTS = {  # system prompts of the papers, as in their official code
+    "qwen_math": "Please reason step by step, and put your final answer within \\boxed{}.",  # Qwen2.5-Math CoT eval; understand-r1-zero qwen_math template
+    "luffy": ("Your task is to follow a systematic, thorough reasoning process before providing the final solution. This "
+              "involves analyzing, summarizing, exploring, reassessing, and refining your thought process through multiple "
+              "iterations. Structure your response into two sections: Thought and Solution. In the Thought section, present "
+              "your reasoning using the format: \"<think>\n {thoughts} </think>\n\". Each thought should include detailed "
+              "analysis, brainstorming, verification, and refinement of ideas. After \"</think>\n,\" in the Solution "
+              "section, provide the final, logical, and accurate answer, clearly derived from the exploration in the "
+              "Thought section. If applicable, include the answer in \\boxed{} for closed-form results like multiple "
+              "choices or mathematical solutions."),  # prompt[0] of Elliott/Openr1-Math-46k-8192 (LUFFY-family verl preprocessing)
+    "chord": ("You are a helpful assistant that solves MATH problems. You should first thinks about the reasoning process "
+              "in mind and then provides the user with the answer. You should present your reasoning process using the "
+              "format: <think>\n ...your reasoning process here... </think>\n first. You should always include your final "
+              "answer in \\boxed{} as closed-form results."),  # Trinity-RFT examples/mix_chord/get_openr1_data.py
+}
+
+
+def _r1_correct(r):
+    """OpenR1-Math-220k: the R1 generations that math-verify marked correct."""
+    return [g for g, ok in zip(r["generations"], r["correctness_math_verify"]) if ok]
+
+
+def _no_cjk(text):
+    return not re.search("[\u3400-\u4dbf\u4e00-\u9fff]", text)  # CHORD drops problems containing Chinese
+
+
+# name -> hub dataset and split, fields (a column; "a.0.b" for nested fields and list items; "boxed:COL" for the last
+# \boxed{} of a column; or a function of the row), system prompt (text, or a field with system_field), row filter.
+# `--dataset NAME:FILE` reads a local .jsonl/.parquet copy with the same columns through the same code.
+DATASETS = {
+    "numina_cot": dict(hub="AI-MO/NuminaMath-CoT", split="train", prompt="problem", response="solution",
+                       answer="boxed:solution"),  # DFT: raw problem in the chat template, solution + EOS (numina_cot.py)
+    "openr1_46k": dict(hub="Elliott/Openr1-Math-46k-8192", split="train", prompt="prompt.-1.content",
+                       response="target.0.content", answer="reward_model.ground_truth",
+                       system_field="prompt.0.content"),  # LUFFY / ReLIFT / Prefix-RFT: verl rows, R1 demo in target
+    "openr1_chord_sft": dict(hub="open-r1/OpenR1-Math-220k", config="default", split="train", prompt="problem",
+                             response=lambda r: (_r1_correct(r) or [None])[0], answer="answer",
+                             system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"),
+                             keep=lambda r: _no_cjk(r["problem"]) and _r1_correct(r)),  # CHORD SFT set (5k sampled)
+    "openr1_chord_rl": dict(hub="open-r1/OpenR1-Math-220k", config="default", split="train", prompt="problem",
+                            answer="answer", system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"),
+                            keep=lambda r: _no_cjk(r["problem"]) and re.fullmatch(r"-?\d+", str(r["answer"]).strip())
+                            and len(_r1_correct(r)) >= 2),  # CHORD RL set: integer answers, >= 2 correct R1 traces
+    "dapo_math_17k": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", prompt="prompt.0.content",
+                          answer="reward_model.ground_truth"),  # DAPO: the "Answer:" instruction is in the prompt
+    "math_lvl3to5": dict(hub="DigitalLearningGmbH/MATH-lighteval", split="train", prompt="problem", response="solution",
+                         answer="boxed:solution", system=PROMPTS["qwen_math"], needs=("level",),
+                         keep=lambda r: r["level"] in ("Level 3", "Level 4", "Level 5")),  # Dr. GRPO, Qwen-Math template
+    "math_train": dict(hub="DigitalLearningGmbH/MATH-lighteval", split="train", prompt="problem", response="solution",
+                       answer="boxed:solution", system=PROMPTS["qwen_math"]),  # MATH train (all levels)
+    # benchmarks (system prompt: the Qwen2.5-Math CoT template, as the DFT and Dr. GRPO evaluations)
+    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", prompt="problem", answer="answer",
+                    system=PROMPTS["qwen_math"]),
+    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", prompt="problem", answer="answer",
+                   system=PROMPTS["qwen_math"]),
+    "aime25": dict(hub="math-ai/aime25", split="test", prompt="problem", answer="answer", system=PROMPTS["qwen_math"]),
+    "amc23": dict(hub="math-ai/amc23", split="test", prompt="question", answer="answer", system=PROMPTS["qwen_math"]),
+    "minerva": dict(hub="math-ai/minervamath", split="test", prompt="question", answer="answer",
+                    system=PROMPTS["qwen_math"]),
+    "olympiadbench": dict(hub="math-ai/olympiadbench", split="test", prompt="question", answer="final_answer.0",
+                          system=PROMPTS["qwen_math"]),  # final_answer is a list of one answer
+}
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...} (or \\fbox{...}) of `text`, braces balanced; '' when there is none."""
+    i = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if i < 0:
+        return ""
+    start, depth = text.index("{", i) + 1, 1
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[start:j]
+    return ""
+
+
+def _field(row, spec):
+    if spec is None or callable(spec):
+        return spec(row) if spec else None
+    boxed = spec.startswith("boxed:")
+    value = row
+    for part in spec.removeprefix("boxed:").split("."):
+        if value is None:
+            return None
+        value = value[int(part)] if isinstance(value, list) else value.get(part)
+    return last_boxed(str(value or "")) if boxed else value
+
+
+def load_preset(name, need_response=True, limit=None):
+    """Rows {prompt, response, answer, system} of a DATASETS preset, from the hub or from `NAME:FILE`. Rows without a
+    prompt, or without an answer when no demonstration is asked for (RL prompts, benchmarks), are skipped."""
+    import datasets
+    key, _, path = name.partition(":")
+    p, where = DATASETS[key], path or DATASETS[key]["hub"]
+    if path and not os.path.exists(path):
+        raise UserError(f"local copy '{path}' of dataset preset '{key}' does not exist; pass NAME:FILE with an existing "
+                        f".jsonl/.parquet file, or just '{key}' to read {p['hub']} from the hub")
+    try:
+        ds = (datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
+              if path else datasets.load_dataset(p["hub"], p.get("config"), split=p["split"]))
+    except Exception as e:  # network, unreadable file
+        raise UserError(f"could not load dataset preset '{key}' from {where} ({type(e).__name__}: {e}); check the "
+                        f"network, or pass a local copy as {key}:FILE") from None
+    fields = [p.get(k) for k in ("prompt", "response", "answer", "system_field")]
+    needed = {f.removeprefix("boxed:").split(".")[0] for f in fields if isinstance(f, str)} | set(p.get("needs", ()))
+    if needed - set(ds.column_names):
+        raise UserError(f"dataset preset '{key}' reads columns {sorted(needed)} but {where} has no "
+                        f"{sorted(needed - set(ds.column_names))}; its columns are {ds.column_names}")
+    rows = []
+    for r in ds.select_columns(sorted(needed)):
+        if p.get("keep") and not p["keep"](r):
+            continue
+        row = {k: _field(r, p.get(k)) for k in ("prompt", "response", "answer")}
+        row.update(answer=str(row["answer"] if row["answer"] is not None else ""),
+                   system=p.get("system") or _field(r, p.get("system_field")))
+        if row["prompt"] and (row["answer"] or need_response):
+            rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise UserError(f"dataset preset '{key}' ({where}) has no usable row (a prompt and an answer)")
+    return rows
+
+
+# Model shapes for --dry-run: (hidden, layers, intermediate, heads, kv heads, vocab, tied embeddings, max positions,
+# qkv bias), from each model's config.json on the hub; a local directory's config.json is read instead.
+_QWEN7 = (3584, 28, 18944, 28, 4, 152064, False)
+MODELS = {
+    "Qwen/Qwen2.5-Math-1.5B": (1536, 28, 8960, 12, 2, 151936, True, 4096, True),
+    "Qwen/Qwen2.5-Math-7B": (*_QWEN7, 4096, True),
+    "Qwen/Qwen2.5-7B-Instruct": (*_QWEN7, 32768, True),
+    "Qwen/Qwen2.5-32B": (5120, 64, 27648, 40, 8, 152064, False, 131072, True),
+    "Elliott/Qwen2.5-Math-7B-16k-think": (*_QWEN7, 16384, True),  # rope_theta 40000 (as Elliott/Qwen2.5-Math-7B-SFT)
+    "RoadQAQ/Qwen2.5-Math-7B-16k-think": (*_QWEN7, 16384, True),  # assumed = Elliott's copy (not checked)
+    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": (1536, 28, 8960, 12, 2, 151936, True, 16384, True),  # assumed (not checked)
+    "RoadQAQ/Qwen2.5-7B-think": (*_QWEN7, 16384, True),  # assumed from Qwen2.5-7B (not checked)
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (1536, 28, 8960, 12, 2, 151936, False, 131072, True),
+    "Skywork/Skywork-OR1-Math-7B": (*_QWEN7, 131072, True),  # assumed = DeepSeek-R1-Distill-Qwen-7B (not checked)
+    "meta-llama/Llama-3.2-3B": (3072, 28, 8192, 24, 8, 128256, True, 131072, False),
+    "meta-llama/Llama-3.2-3B-Instruct": (3072, 28, 8192, 24, 8, 128256, True, 131072, False),
+    "meta-llama/Llama-3.1-8B": (4096, 32, 14336, 32, 8, 128256, False, 131072, False),
+    "deepseek-ai/deepseek-math-7b-base": (4096, 30, 11008, 32, 32, 102400, False, 4096, False),
+    "deepseek-ai/deepseek-math-7b-instruct": (4096, 30, 11008, 32, 32, 102400, False, 4096, False),
+}
+
+
+def model_shape(name):
+    """MODELS entry, the config.json of a local directory, the embedded tiny model, or None when unknown."""
+    if name.startswith("embedded"):
+        return (*(TINY[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                                    "num_key_value_heads")), len(SPECIAL) + len(CHARS), True, 256, True)
+    cfg = Path(os.path.expanduser(name)) / "config.json"
+    if cfg.exists():
+        c = json.loads(cfg.read_text())
+        return (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["num_attention_heads"],
+                c.get("num_key_value_heads", c["num_attention_heads"]), c["vocab_size"],
+                c.get("tie_word_embeddings", False), c.get("max_position_embeddings", 0), c["model_type"] == "qwen2")
+    return MODELS.get(name)
+
+
+def param_count(shape):
+    h, n_layers, inter, heads, kv_heads, vocab, tied, _, bias = shape
+    kv = h // heads * kv_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h + ((h + 2 * kv) if bias else 0)  # attn, MLP, 2 norms
+    return vocab * h * (1 if tied else 2) + n_layers * layer + h
+
+
+def activation_bytes(shape, tokens, weight_bytes, autocast, checkpointing):
+    """What autograd keeps for the backward of the decoder, per micro-batch (measured against saved tensors on a
+    small Qwen2, tests/test_recipes.py): per token and layer, two RMSNorms keep an fp32 input and their output
+    (4 + w)h each; the linear layers keep their input (one bf16 cast per projection under autocast with fp32
+    weights), SDPA keeps q, k, v and its output (no L x L matrix), the SwiGLU MLP 4 tensors of size I. Autocast
+    with fp32 weights also keeps bf16 copies of the layer weights. Checkpointing keeps each layer's input and
+    recomputes one layer at a time."""
+    h, n_layers, inter, heads, kv_heads = shape[:5]
+    kv, w = h // heads * kv_heads, weight_bytes
+    a = 2 if autocast or w == 2 else 4
+    per_layer = 2 * (4 + w) * h + a * ((5 if autocast and w == 4 else 2) * h + 2 * h + 2 * kv + 4 * inter)
+    layer_weights = 2 * (2 * h * h + 2 * h * kv + 3 * h * inter) if autocast and w == 4 else 0
+    final_norm = tokens * (4 + w) * h
+    if checkpointing:
+        return tokens * (n_layers * (4 if w == 4 else 2) * h + per_layer) + layer_weights + final_norm
+    return tokens * n_layers * per_layer + n_layers * layer_weights + final_norm
+
+
+def dry_run(args, frozen=(), extra_sequences=0):
+    """--dry-run: print every flag with its value and source (command line, a recipe's or preset's `# comment`, or
+    the flag's default), the global batch of one optimizer step, and a per-GPU memory estimate; loads no weights and
+    no data. World size: $WORLD_SIZE, else 8 GPUs for a paper recipe (1 for the embedded default)."""
+    module, sources = sys.modules[type(args).__module__], getattr(args, "_sources", {})
+    world = int(os.environ.get("WORLD_SIZE") or (1 if args.recipe in (None, "embedded") else 8))
+    defaults, notes, unknown = _field_comments(type(args)), {}, []
+    print(f"[dry run] {Path(module.__file__).name} --recipe {args.recipe}, world size {world} (nothing is loaded)")
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.name in getattr(args, "_explicit", ()):
+            src = "command line"
+        elif f.name in sources:
+            key, choice = sources[f.name].split(" ", 1)
+            if sources[f.name] not in notes:
+                notes[sources[f.name]] = _entry_comments(module, key.upper() + "S", choice)
+            src = f"{sources[f.name]}: {notes[sources[f.name]].get(f.name, '')}"
+        else:
+            src = f"default: {defaults.get(f.name, '')}"
+        unknown += [f.name] if "UNKNOWN" in src else []
+        shown = repr(value) if len(repr(value)) <= 36 else repr(value)[:30] + "...'"
+        print(f"  {f.name:24s} {shown:36s} {src}")
+    if hasattr(args, "batch_size"):  # teacher forcing: one demonstration per prompt
+        seqs, prompts, seq_len, per = args.batch_size, args.batch_size, args.max_length, ""
+    else:  # rollouts: --steps-per-generation optimizer steps (x --num-iterations passes) per rollout batch
+        opt = args.steps_per_generation
+        prompts, seq_len = args.prompts_per_step // opt, args.max_prompt_length + args.max_new_tokens
+        seqs = (args.prompts_per_step * args.num_generations + extra_sequences) // opt
+        per = f" ({opt} x {args.num_iterations} per rollout batch of {args.prompts_per_step} prompts)"
+    micro = -(-seqs // (world * args.grad_accum))
+    print(f"global batch per optimizer step{per}: {prompts} prompts, {seqs} sequences, <= {seqs * seq_len:,} tokens; "
+          f"per GPU {args.grad_accum} micro-batch(es) of {micro} sequences x <= {seq_len} tokens")
+    shape = model_shape(args.model)
+    if shape is None:
+        print(f"memory: no shape for '{args.model}' (not in common.MODELS); pass a local directory with config.json")
+    else:
+        n, w = param_count(shape), DTYPES[args.dtype].itemsize
+        shard = world if args.fsdp else 1
+        autocast = args.bf16 and w == 4
+        act = {c: activation_bytes(shape, micro * seq_len, w, autocast, c) for c in (False, True)}
+        head = 2 * 1024 * min(32768, shape[5]) * 4 + shape[5] * shape[0] * 4 + micro * seq_len * shape[0] * 4
+        parts = {"weights": n * w / shard, "gradients": n * w / shard, "AdamW state": 2 * n * w / shard,
+                 "frozen models": sum(param_count(model_shape(m) or shape) * w for m in frozen),
+                 "activations": act[args.gradient_checkpointing], "fused head": head}
+        gib = {k: v / 2**30 for k, v in parts.items() if v}
+        print(f"memory per GPU (GiB, {n / 1e6:,.0f}M parameters, {args.dtype} weights"
+              f"{', bf16 autocast' if autocast else ''}, {'FSDP over ' + str(world) if args.fsdp else 'DDP'}): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in gib.items()) + f"; total {sum(gib.values()):.1f}")
+        print(f"  decoder activations of one micro-batch: {act[False] / 2**30:.1f} GiB without gradient checkpointing, "
+              f"{act[True] / 2**30:.1f} GiB with; fused head: two 1024 x {min(32768, shape[5])} fp32 tiles, the fp32 "
+              f"weight gradient and dL/dh (no {micro * seq_len} x {shape[5]} logits)"
+              + ("; plus a colocated vLLM engine (its own weights and KV cache)" if getattr(args, "generator", "") == "vllm" else ""))
+        if shape[7] and seq_len > shape[7]:
+            print(f"  WARNING: {seq_len} tokens per sequence exceed the model's max_position_embeddings {shape[7]}")
+    if unknown:
+        print(f"left UNKNOWN by the sources (our choices, see above): {', '.join(unknown)}")
+
+
+def _entry_comments(module, table, entry):
+    """{field: trailing `# comment`} of the lines of TABLE[entry] in a method file (an entry is dict(...), possibly
+    built on a module-level dict: dict(BASE, k=v)); a line without a comment takes the entry's closing comment."""
+    import ast
+    import io
+    import tokenize
+    src = inspect.getsource(module)
+    notes = {t.start[0]: t.string.lstrip("# ").strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+             if t.type == tokenize.COMMENT}
+    names = {t.id: n.value for n in ast.parse(src).body if isinstance(n, ast.Assign) for t in n.targets
+             if isinstance(t, ast.Name)}
+
+    def read(node):
+        if isinstance(node, ast.Name):
+            return read(names.get(node.id))
+        out = {}
+        for sub in getattr(node, "args", []) + [k.value for k in getattr(node, "keywords", []) if k.arg is None]:
+            out.update(read(sub))
+        for k in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
+            if k.arg:
+                out[k.arg] = notes.get(k.value.end_lineno) or notes.get(node.end_lineno) or notes.get(node.lineno, "")
+        return out
+    table_node = names.get(table)
+    for k, v in zip(getattr(table_node, "keys", []), getattr(table_node, "values", [])):
+        if isinstance(k, ast.Constant) and k.value == entry:
+            return read(v)
+    return {}
