@@ -547,8 +547,9 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0,
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
         do_sample=False, temperature=None, top_p=None, top_k=None)
     with full_params(model):
-        out = lm.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
-                          num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, use_cache=True, **kw)
+        ids, attn, n, cache = _shared_prefill(lm, ids.to(dev), attn.to(dev), n)
+        out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                          eos_token_id=eos, pad_token_id=pad, use_cache=True, **cache, **kw)
     lm.train(was_training)
     comp = out[:, P:].tolist()
     completions, finished = [], []
@@ -558,6 +559,22 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0,
         completions.append(c)
         finished.append(bool(c) and c[-1] == eos)
     return completions, finished, None
+
+
+def _shared_prefill(lm, ids, attn, n):
+    """The n samples of a prompt share its prefix: run the body on each prompt once (all but its last token) into a
+    KV cache, then repeat the cache n times; `generate` continues from it (issue 11: GRPO's prefill was done G times).
+    The same ids are sampled as without it (prefill consumes no random numbers). Returns (ids, attn, n, kwargs)."""
+    from transformers import DynamicCache
+    if n == 1 or ids.shape[1] < 2 or lm.config.is_encoder_decoder or lm.generation_config.cache_implementation or \
+            not getattr(lm, "_supports_default_dynamic_cache", lambda: False)():
+        return ids, attn, n, {}
+    cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # as generate makes them
+    lm.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+                     past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(n)
+    return ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), 1, {"past_key_values": cache}
 
 
 class VLLMEngine:
@@ -1080,8 +1097,8 @@ def dry_run(args, frozen=(), extra_sequences=0):
         else:
             src = f"default: {defaults.get(f.name, '')}"
         unknown += [f.name] if "UNKNOWN" in src else []
-        shown = repr(value) if len(repr(value)) <= 36 else repr(value)[:30] + "...'"
-        print(f"  {f.name:24s} {shown:36s} {src}")
+        shown = repr(value) if len(repr(value)) <= 46 else repr(value)[:40] + "...'"
+        print(f"  {f.name:24s} {shown:46s} {src}")
     if hasattr(args, "batch_size"):  # teacher forcing: one demonstration per prompt
         seqs, prompts, seq_len, per = args.batch_size, args.batch_size, args.max_length, ""
     else:  # rollouts: --steps-per-generation optimizer steps (x --num-iterations passes) per rollout batch
@@ -1130,6 +1147,8 @@ def _entry_comments(module, table, entry):
     names = {t.id: n.value for n in ast.parse(src).body if isinstance(n, ast.Assign) for t in n.targets
              if isinstance(t, ast.Name)}
 
+    table_node = names.get(table)
+
     def read(node):
         if isinstance(node, ast.Name):
             return read(names.get(node.id))
@@ -1137,10 +1156,10 @@ def _entry_comments(module, table, entry):
         for sub in getattr(node, "args", []) + [k.value for k in getattr(node, "keywords", []) if k.arg is None]:
             out.update(read(sub))
         for k in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
-            if k.arg:
-                out[k.arg] = notes.get(k.value.end_lineno) or notes.get(node.end_lineno) or notes.get(node.lineno, "")
+            if k.arg:  # the value's line, else the entry's last or first line, else the table's first line
+                out[k.arg] = next((notes[n] for n in (k.value.end_lineno, node.end_lineno, node.lineno,
+                                                      table_node.lineno) if n in notes), "")
         return out
-    table_node = names.get(table)
     for k, v in zip(getattr(table_node, "keys", []), getattr(table_node, "values", [])):
         if isinstance(k, ast.Constant) and k.value == entry:
             return read(v)

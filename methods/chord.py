@@ -121,6 +121,7 @@ class Args:
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
+    dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
     # --- CHORD ---
     variant: Literal["phi", "mu"] = "phi"  # CHORD-phi (the full method, its best results) or CHORD-mu; sets the 5 below
     mu_warmup_steps: int = 0  # optimizer steps of linear mu warmup from 0 (both paper variants: 0)
@@ -148,6 +149,32 @@ RECIPES = {
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
                      eval_every=20,
                      mu_decay_steps=60),  # CHORD demo setting: the mu variant decays within the 60-step run (paper 200)
+    # --- paper recipes (GPU cluster; check with --dry-run): CHORD (arXiv 2508.11408), math setting, Trinity-RFT
+    # examples/mix_chord (mix_chord.yaml, get_openr1_data.py); spec methods_b.md §2 ---
+    "paper": dict(
+        model="Qwen/Qwen2.5-7B-Instruct",  # CHORD math policy model
+        dataset="openr1_chord_rl",  # get_openr1_data.py RL set (20k sampled without a fixed seed, not released: all rows that pass)
+        expert_dataset="openr1_chord_sft",  # get_openr1_data.py SFT set (5k sampled, not released: all rows that pass)
+        system_prompt=common.PROMPTS["chord"],  # get_openr1_data.py SYSTEM_PROMPT (for the RL prompts: UNKNOWN, our choice the same)
+        variant="phi",  # CHORD-phi, the full method (the paper's best: AMC 62.5, AIME24 18.2, AIME25 17.2)
+        num_generations=8,  # repeat_times 8 (its comment: 16 for better performance in math)
+        prompts_per_step=32,  # buffer batch_size 32 (x 8 = 256 on-policy experiences)
+        expert_data_ratio=0.2,  # expert_data_ratio 0.20: 64 expert + 256 on-policy = ppo_mini_batch_size 320
+        steps_per_generation=1,  # ppo_mini_batch_size 320 = train_batch_size 320: one optimizer step per step
+        max_prompt_length=1024,  # max_model_len 11264 - max_response_tokens 10240
+        max_new_tokens=10240,  # max_response_tokens 10240
+        lr=1e-6,  # mix_chord.yaml (its comment: 5e-6 with warmup can be better for SFT)
+        max_steps=2500,  # total_epochs 4 over 20k prompts at 32 per step (the paper's length: UNKNOWN)
+        grad_accum=10,  # ppo_micro_batch_size_per_gpu 4: 40 sequences per GPU in 10 micro-batches (8 GPUs)
+        eval_dataset="aime24",  # CHORD reports AIME24, AIME25, AMC (and MMLU-Pro)
+        eval_size=30,  # all of AIME 2024
+        eval_every=10,  # explorer eval_interval 10
+        generator="vllm",  # vllm_async rollout engines (ours: a colocated engine per rank)
+        bf16=True,  # rollout dtype bfloat16; our choice: bf16 autocast with fp32 master weights
+        fsdp=True,  # verl trainer (FSDP)
+        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
+    ),
+    "mu": dict(base="paper", variant="mu"),  # CHORD-mu: mu cosine 0.9 -> 0.05 over 200 steps, plain NLL
 }
 AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
@@ -220,6 +247,9 @@ def overlong_penalty(length, max_len, buffer, penalty):
 
 def main():
     args = common.parse_args(Args, presets={"preset": PRESETS, "variant": VARIANTS, "recipe": RECIPES})
+    if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
+        return common.dry_run(args, frozen=[args.model] if args.beta > 0 else [], extra_sequences=expert_batch_size(
+            args.expert_data_ratio, args.prompts_per_step * args.num_generations))  # CHORD: expert rows per rollout step
     # CHORD: its own flags are checked before anything is loaded
     if not 0 < args.expert_data_ratio < 1:
         raise common.UserError(f"--expert-data-ratio {args.expert_data_ratio} must be in (0, 1): the expert fraction "

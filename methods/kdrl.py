@@ -130,6 +130,7 @@ class Args:
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
+    dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
     # --- KDRL ---
     teacher: str = "embedded:teacher"  # causal LM with the student's tokenizer (paper: Skywork-OR1-Math-7B)
     kd_mask: Literal["none", "response", "group"] = "none"  # KD on all, on wrong responses, on all-wrong groups
@@ -147,6 +148,34 @@ RECIPES = {
     # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
                      eval_every=20),
+    # --- paper recipes (GPU cluster; check with --dry-run): KDRL (arXiv 2506.02208). No official code was found; the
+    # values come from secondary sources (spec methods_b.md §5); the training set, G, lr, lengths and batch are
+    # UNKNOWN there and set to our choices ---
+    "paper": dict(
+        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",  # the student (third-party, several sources)
+        teacher="Skywork/Skywork-OR1-Math-7B",  # the teacher (third-party, several sources; same tokenizer family)
+        dataset="dapo_math_17k",  # UNKNOWN training set (our choice: the instruction sits in the user turn, as R1 models expect)
+        beta=5e-3, beta_decay=5e-5, beta_min=1e-3,  # §3.3 linear annealing 5e-3 -> 1e-3 over 80 steps (third-party)
+        kd_estimator="k2",  # §3.2: k2 works best (third-party; the reverse-KL gradient)
+        kd_mask="none",  # KDRL-Annealing, the best reported (57.2); `--recipe masking` for KDRL-masking
+        scale_rewards="group",  # std-normalised GRPO assumed (spec pseudocode)
+        num_generations=8,  # UNKNOWN (our choice)
+        prompts_per_step=128,  # UNKNOWN (our choice)
+        steps_per_generation=1,  # UNKNOWN (our choice)
+        max_prompt_length=1024,  # UNKNOWN (our choice)
+        max_new_tokens=8192,  # UNKNOWN (our choice)
+        lr=1e-6,  # UNKNOWN (our choice)
+        max_steps=280,  # about 280 steps (third-party)
+        grad_accum=32,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
+        eval_dataset="aime24",  # UNKNOWN benchmark list ("six math benchmarks"; our choice: AIME 2024)
+        eval_size=30,  # all of AIME 2024
+        eval_every=20,  # UNKNOWN in the sources (our choice)
+        generator="vllm",  # our choice for GPUs: a colocated vLLM engine per rank
+        bf16=True,  # our choice: bf16 autocast with fp32 master weights
+        fsdp=True,  # our choice: FSDP
+        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
+    ),
+    "masking": dict(base="paper", kd_mask="response"),  # §3.4 KDRL-masking: KD only on incorrect responses (third-party)
 }
 AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
@@ -233,6 +262,8 @@ def overlong_penalty(length, max_len, buffer, penalty):
 
 def main():
     args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
+        return common.dry_run(args, frozen=[args.teacher])  # kdrl: the frozen teacher
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed)
     out = common.prepare_output_dir(args, d)

@@ -123,6 +123,7 @@ class Args:
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
+    dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
     # --- ReLIFT fine-tuning on the hardest questions ---
     sft_buffer_size: int = 128  # M: fine-tune once the buffer holds M hardest questions (sft_data_size; -1: plain RL)
     sft_entropy_coef: float = 1e-3  # alpha, entropy bonus of the fine-tuning loss (code 1e-3; paper's best 1e-4)
@@ -145,6 +146,44 @@ RECIPES = {
                      eval_every=20,
                      sft_buffer_size=16,  # ReLIFT demo: M = 16 (code 128) fills about every 3 steps of 16 prompts
                      steps_per_generation=1),  # the demo's 16-prompt batch is already smaller than a 64-prompt mini
+    # --- paper recipes (GPU cluster; check with --dry-run): ReLIFT (arXiv 2506.07527) as released,
+    # TheRoadQaQ/ReLIFT examples/math-7b/train.sh and relift_trainer.yaml; spec methods_b.md §4 ---
+    "paper": dict(
+        model="RoadQAQ/Qwen2.5-Math-7B-16k-think",  # train.sh (Qwen2.5-Math-7B with a 16k context and <think> template)
+        dataset="openr1_46k",  # Elliott/Openr1-Math-46k-8192, its `target` is the demonstration (as LUFFY)
+        system_prompt=common.PROMPTS["luffy"],  # the data's own system prompt, also at evaluation
+        num_generations=8,  # rollout n=8
+        prompts_per_step=128,  # train_batch_size 128
+        steps_per_generation=2,  # ppo_mini_batch_size 64: 2 updates per rollout step
+        num_iterations=1,  # 1 PPO epoch
+        max_prompt_length=1024,  # max prompt 1024
+        max_new_tokens=8192,  # max response 8192 (also T_max of the loss and the demonstration cut)
+        lr=1e-6,  # constant
+        weight_decay=0.01,  # AdamW wd 0.01
+        max_grad_norm=0.7,  # RL grad_clip 0.7
+        entropy_coef=0.001,  # entropy_coeff 0.001
+        clip=False,  # loss_remove_clip=True
+        scale_rewards="none",  # grpo_use_std=False
+        loss_agg="dr_grpo",  # loss_remove_token_mean=True: token sum / 8192
+        sft_buffer_size=128,  # sft_data_size 128
+        sft_micro_batch_size=4,  # Math-7B: sft_micro_batch_size 4
+        sft_lr=1e-6,  # separate AdamW at lr 1e-6
+        sft_max_grad_norm=1.0,  # relift_trainer.yaml sft_grad_clip
+        sft_entropy_coef=1e-3,  # actor.sft.entropy_coeff 0.001 (the paper's best: 1e-4)
+        max_steps=1080,  # 3 epochs of 46k prompts at 128 per step
+        grad_accum=16,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
+        eval_dataset="math500",  # one of the paper's benchmarks (AIME24/25, AMC, MATH-500, Olympiad, MMLU-Pro)
+        eval_size=500,  # all of MATH-500
+        eval_every=25,  # UNKNOWN in the sources (our choice)
+        generator="vllm",  # vLLM rollouts (verl; ours: a colocated engine per rank)
+        bf16=True,  # our choice: bf16 autocast with fp32 master weights (as verl)
+        fsdp=True,  # verl FSDP
+        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
+    ),
+    "math_1.5b": dict(base="paper", model="RoadQAQ/Qwen2.5-Math-1.5B-16k-think",  # examples/math-1.5b/train.sh
+                      sft_micro_batch_size=2),  # 2 for the models other than Math-7B
+    "qwen_7b": dict(base="paper", model="RoadQAQ/Qwen2.5-7B-think",  # examples/7b/train.sh
+                    sft_micro_batch_size=2),  # 2 for the models other than Math-7B
 }
 AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
@@ -222,6 +261,8 @@ def overlong_penalty(length, max_len, buffer, penalty):
 
 def main():
     args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
+        return common.dry_run(args, frozen=[args.model] if args.beta > 0 else [])  # the reference model
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed)
     if args.sft_buffer_size != -1 and (args.sft_buffer_size < 1 or args.sft_buffer_size % d.world_size):  # ReLIFT
