@@ -892,66 +892,68 @@ def timer():
 # Paper recipes: dataset and benchmark presets, model shapes, and --dry-run (config, batch, memory; loads nothing)
 # ----------------------------------------------------------------------------------------------------------------
 PROMPTS = {  # system prompts of the papers, as in their official code
-    "qwen_math": "Please reason step by step, and put your final answer within \\boxed{}.",  # Qwen2.5-Math CoT eval; understand-r1-zero qwen_math template
-    "luffy": ("Your task is to follow a systematic, thorough reasoning process before providing the final solution. This "
-              "involves analyzing, summarizing, exploring, reassessing, and refining your thought process through multiple "
-              "iterations. Structure your response into two sections: Thought and Solution. In the Thought section, present "
-              "your reasoning using the format: \"<think>\n {thoughts} </think>\n\". Each thought should include detailed "
-              "analysis, brainstorming, verification, and refinement of ideas. After \"</think>\n,\" in the Solution "
-              "section, provide the final, logical, and accurate answer, clearly derived from the exploration in the "
-              "Thought section. If applicable, include the answer in \\boxed{} for closed-form results like multiple "
-              "choices or mathematical solutions."),  # prompt[0] of Elliott/Openr1-Math-46k-8192 (LUFFY-family verl preprocessing)
-    "chord": ("You are a helpful assistant that solves MATH problems. You should first thinks about the reasoning process "
-              "in mind and then provides the user with the answer. You should present your reasoning process using the "
-              "format: <think>\n ...your reasoning process here... </think>\n first. You should always include your final "
-              "answer in \\boxed{} as closed-form results."),  # Trinity-RFT examples/mix_chord/get_openr1_data.py
+    # Qwen2.5-Math chain-of-thought evaluation prompt; understand-r1-zero's qwen_math template
+    "qwen_math": "Please reason step by step, and put your final answer within \\boxed{}.",
+    # prompt[0] of Elliott/Openr1-Math-46k-8192 (the LUFFY-family verl preprocessing)
+    "luffy": ("Your task is to follow a systematic, thorough reasoning process before providing the final solution. "
+              "This involves analyzing, summarizing, exploring, reassessing, and refining your thought process through "
+              "multiple iterations. Structure your response into two sections: Thought and Solution. In the Thought "
+              "section, present your reasoning using the format: \"<think>\n {thoughts} </think>\n\". Each thought "
+              "should include detailed analysis, brainstorming, verification, and refinement of ideas. After "
+              "\"</think>\n,\" in the Solution section, provide the final, logical, and accurate answer, clearly "
+              "derived from the exploration in the Thought section. If applicable, include the answer in \\boxed{} for "
+              "closed-form results like multiple choices or mathematical solutions."),
+    # Trinity-RFT examples/mix_chord/get_openr1_data.py SYSTEM_PROMPT
+    "chord": ("You are a helpful assistant that solves MATH problems. You should first thinks about the reasoning "
+              "process in mind and then provides the user with the answer. You should present your reasoning process "
+              "using the format: <think>\n ...your reasoning process here... </think>\n first. You should always "
+              "include your final answer in \\boxed{} as closed-form results."),
 }
 
 
-def _r1_correct(r):
-    """OpenR1-Math-220k: the R1 generations that math-verify marked correct."""
+def _r1_correct(r):  # OpenR1-Math-220k: the R1 generations math-verify marked correct
     return [g for g, ok in zip(r["generations"], r["correctness_math_verify"]) if ok]
 
 
-def _no_cjk(text):
-    return not re.search("[\u3400-\u4dbf\u4e00-\u9fff]", text)  # CHORD drops problems containing Chinese
+def _chord(r, rl):  # get_openr1_data.py: no Chinese; SFT: a correct trace; RL: an integer answer, >= 2 correct traces
+    ok = not re.search("[\u3400-\u4dbf\u4e00-\u9fff]", r["problem"]) and len(_r1_correct(r)) >= (2 if rl else 1)
+    return ok and (not rl or re.fullmatch(r"-?\d+", str(r["answer"]).strip()))
 
 
-# name -> hub dataset and split, fields (a column; "a.0.b" for nested fields and list items; "boxed:COL" for the last
-# \boxed{} of a column; or a function of the row), system prompt (text, or a field with system_field), row filter.
-# `--dataset NAME:FILE` reads a local .jsonl/.parquet copy with the same columns through the same code.
+def _bench(hub, split, prompt, answer):  # benchmarks: the Qwen2.5-Math CoT prompt, as the DFT and Dr. GRPO evaluations
+    return dict(hub=hub, split=split, prompt=prompt, answer=answer, system=PROMPTS["qwen_math"])
+
+
+# name -> hub dataset and split; fields: a column, "a.0.b" for nested fields and list items, "boxed:COL" for the last
+# \boxed{} of a column, or a function of the row; system prompt (text, or system_field); row filter (keep, with the
+# columns it reads in needs). `--dataset NAME:FILE` reads a local .jsonl/.parquet copy through the same code.
+_R220 = dict(hub="open-r1/OpenR1-Math-220k", config="default", split="train", prompt="problem", answer="answer",
+             system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"))
+_MATH = dict(hub="DigitalLearningGmbH/MATH-lighteval", split="train", prompt="problem", response="solution",
+             answer="boxed:solution", system=PROMPTS["qwen_math"])
 DATASETS = {
+    # DFT: raw problem in the chat template, solution + EOS (numina_cot.py)
     "numina_cot": dict(hub="AI-MO/NuminaMath-CoT", split="train", prompt="problem", response="solution",
-                       answer="boxed:solution"),  # DFT: raw problem in the chat template, solution + EOS (numina_cot.py)
+                       answer="boxed:solution"),
+    # LUFFY / ReLIFT / Prefix-RFT: verl rows, system prompt in prompt[0], R1 demonstration in target
     "openr1_46k": dict(hub="Elliott/Openr1-Math-46k-8192", split="train", prompt="prompt.-1.content",
                        response="target.0.content", answer="reward_model.ground_truth",
-                       system_field="prompt.0.content"),  # LUFFY / ReLIFT / Prefix-RFT: verl rows, R1 demo in target
-    "openr1_chord_sft": dict(hub="open-r1/OpenR1-Math-220k", config="default", split="train", prompt="problem",
-                             response=lambda r: (_r1_correct(r) or [None])[0], answer="answer",
-                             system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"),
-                             keep=lambda r: _no_cjk(r["problem"]) and _r1_correct(r)),  # CHORD SFT set (5k sampled)
-    "openr1_chord_rl": dict(hub="open-r1/OpenR1-Math-220k", config="default", split="train", prompt="problem",
-                            answer="answer", system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"),
-                            keep=lambda r: _no_cjk(r["problem"]) and re.fullmatch(r"-?\d+", str(r["answer"]).strip())
-                            and len(_r1_correct(r)) >= 2),  # CHORD RL set: integer answers, >= 2 correct R1 traces
+                       system_field="prompt.0.content"),
+    # CHORD's SFT and RL sets, filtered as get_openr1_data.py (which then samples 5k and 20k without a fixed seed)
+    "openr1_chord_sft": dict(_R220, response=lambda r: (_r1_correct(r) or [None])[0], keep=lambda r: _chord(r, False)),
+    "openr1_chord_rl": dict(_R220, keep=lambda r: _chord(r, True)),
+    # DAPO: the "Answer:" instruction is part of each prompt
     "dapo_math_17k": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", prompt="prompt.0.content",
-                          answer="reward_model.ground_truth"),  # DAPO: the "Answer:" instruction is in the prompt
-    "math_lvl3to5": dict(hub="DigitalLearningGmbH/MATH-lighteval", split="train", prompt="problem", response="solution",
-                         answer="boxed:solution", system=PROMPTS["qwen_math"], needs=("level",),
-                         keep=lambda r: r["level"] in ("Level 3", "Level 4", "Level 5")),  # Dr. GRPO, Qwen-Math template
-    "math_train": dict(hub="DigitalLearningGmbH/MATH-lighteval", split="train", prompt="problem", response="solution",
-                       answer="boxed:solution", system=PROMPTS["qwen_math"]),  # MATH train (all levels)
-    # benchmarks (system prompt: the Qwen2.5-Math CoT template, as the DFT and Dr. GRPO evaluations)
-    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", prompt="problem", answer="answer",
-                    system=PROMPTS["qwen_math"]),
-    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", prompt="problem", answer="answer",
-                   system=PROMPTS["qwen_math"]),
-    "aime25": dict(hub="math-ai/aime25", split="test", prompt="problem", answer="answer", system=PROMPTS["qwen_math"]),
-    "amc23": dict(hub="math-ai/amc23", split="test", prompt="question", answer="answer", system=PROMPTS["qwen_math"]),
-    "minerva": dict(hub="math-ai/minervamath", split="test", prompt="question", answer="answer",
-                    system=PROMPTS["qwen_math"]),
-    "olympiadbench": dict(hub="math-ai/olympiadbench", split="test", prompt="question", answer="final_answer.0",
-                          system=PROMPTS["qwen_math"]),  # final_answer is a list of one answer
+                          answer="reward_model.ground_truth"),
+    # Dr. GRPO: MATH level 3-5 with the Qwen-Math template; MATH train (all levels)
+    "math_lvl3to5": dict(_MATH, needs=("level",), keep=lambda r: r["level"] in ("Level 3", "Level 4", "Level 5")),
+    "math_train": _MATH,
+    "math500": _bench("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
+    "aime24": _bench("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime25": _bench("math-ai/aime25", "test", "problem", "answer"),
+    "amc23": _bench("math-ai/amc23", "test", "question", "answer"),
+    "minerva": _bench("math-ai/minervamath", "test", "question", "answer"),
+    "olympiadbench": _bench("math-ai/olympiadbench", "test", "question", "final_answer.0"),  # a list of one answer
 }
 
 
@@ -971,13 +973,10 @@ def last_boxed(text):
 def _field(row, spec):
     if spec is None or callable(spec):
         return spec(row) if spec else None
-    boxed = spec.startswith("boxed:")
     value = row
     for part in spec.removeprefix("boxed:").split("."):
-        if value is None:
-            return None
-        value = value[int(part)] if isinstance(value, list) else value.get(part)
-    return last_boxed(str(value or "")) if boxed else value
+        value = None if value is None else value[int(part)] if isinstance(value, list) else value.get(part)
+    return last_boxed(str(value or "")) if spec.startswith("boxed:") else value
 
 
 def load_preset(name, need_response=True, limit=None):
@@ -987,8 +986,8 @@ def load_preset(name, need_response=True, limit=None):
     key, _, path = name.partition(":")
     p, where = DATASETS[key], path or DATASETS[key]["hub"]
     if path and not os.path.exists(path):
-        raise UserError(f"local copy '{path}' of dataset preset '{key}' does not exist; pass NAME:FILE with an existing "
-                        f".jsonl/.parquet file, or just '{key}' to read {p['hub']} from the hub")
+        raise UserError(f"local copy '{path}' of dataset preset '{key}' does not exist; pass NAME:FILE with an "
+                        f"existing .jsonl/.parquet file, or just '{key}' to read {p['hub']} from the hub")
     try:
         ds = (datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
               if path else datasets.load_dataset(p["hub"], p.get("config"), split=p["split"]))
@@ -1005,7 +1004,7 @@ def load_preset(name, need_response=True, limit=None):
         if p.get("keep") and not p["keep"](r):
             continue
         row = {k: _field(r, p.get(k)) for k in ("prompt", "response", "answer")}
-        row.update(answer=str(row["answer"] if row["answer"] is not None else ""),
+        row.update(answer="" if row["answer"] is None else str(row["answer"]),
                    system=p.get("system") or _field(r, p.get("system_field")))
         if row["prompt"] and (row["answer"] or need_response):
             rows.append(row)
@@ -1017,21 +1016,21 @@ def load_preset(name, need_response=True, limit=None):
 
 
 # Model shapes for --dry-run: (hidden, layers, intermediate, heads, kv heads, vocab, tied embeddings, max positions,
-# qkv bias), from each model's config.json on the hub; a local directory's config.json is read instead.
-_QWEN7 = (3584, 28, 18944, 28, 4, 152064, False)
+# qkv bias), from each model's config.json on the hub; "assumed": that copy's own config was not read.
+_Q7, _Q15, _L3 = (3584, 28, 18944, 28, 4, 152064, False), (1536, 28, 8960, 12, 2, 151936), (3072, 28, 8192, 24, 8)
 MODELS = {
-    "Qwen/Qwen2.5-Math-1.5B": (1536, 28, 8960, 12, 2, 151936, True, 4096, True),
-    "Qwen/Qwen2.5-Math-7B": (*_QWEN7, 4096, True),
-    "Qwen/Qwen2.5-7B-Instruct": (*_QWEN7, 32768, True),
+    "Qwen/Qwen2.5-Math-1.5B": (*_Q15, True, 4096, True),
+    "Qwen/Qwen2.5-Math-7B": (*_Q7, 4096, True),
+    "Qwen/Qwen2.5-7B-Instruct": (*_Q7, 32768, True),
     "Qwen/Qwen2.5-32B": (5120, 64, 27648, 40, 8, 152064, False, 131072, True),
-    "Elliott/Qwen2.5-Math-7B-16k-think": (*_QWEN7, 16384, True),  # rope_theta 40000 (as Elliott/Qwen2.5-Math-7B-SFT)
-    "RoadQAQ/Qwen2.5-Math-7B-16k-think": (*_QWEN7, 16384, True),  # assumed = Elliott's copy (not checked)
-    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": (1536, 28, 8960, 12, 2, 151936, True, 16384, True),  # assumed (not checked)
-    "RoadQAQ/Qwen2.5-7B-think": (*_QWEN7, 16384, True),  # assumed from Qwen2.5-7B (not checked)
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (1536, 28, 8960, 12, 2, 151936, False, 131072, True),
-    "Skywork/Skywork-OR1-Math-7B": (*_QWEN7, 131072, True),  # assumed = DeepSeek-R1-Distill-Qwen-7B (not checked)
-    "meta-llama/Llama-3.2-3B": (3072, 28, 8192, 24, 8, 128256, True, 131072, False),
-    "meta-llama/Llama-3.2-3B-Instruct": (3072, 28, 8192, 24, 8, 128256, True, 131072, False),
+    "Elliott/Qwen2.5-Math-7B-16k-think": (*_Q7, 16384, True),  # as Elliott/Qwen2.5-Math-7B-SFT (rope_theta 40000)
+    "RoadQAQ/Qwen2.5-Math-7B-16k-think": (*_Q7, 16384, True),  # assumed: as Elliott's 16k copy
+    "RoadQAQ/Qwen2.5-Math-1.5B-16k-think": (*_Q15, True, 16384, True),  # assumed: Qwen2.5-Math-1.5B, 16k
+    "RoadQAQ/Qwen2.5-7B-think": (*_Q7, 16384, True),  # assumed: Qwen2.5-7B, 16k
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (*_Q15, False, 131072, True),
+    "Skywork/Skywork-OR1-Math-7B": (*_Q7, 131072, True),  # assumed: as DeepSeek-R1-Distill-Qwen-7B, its base
+    "meta-llama/Llama-3.2-3B": (*_L3, 128256, True, 131072, False),
+    "meta-llama/Llama-3.2-3B-Instruct": (*_L3, 128256, True, 131072, False),
     "meta-llama/Llama-3.1-8B": (4096, 32, 14336, 32, 8, 128256, False, 131072, False),
     "deepseek-ai/deepseek-math-7b-base": (4096, 30, 11008, 32, 32, 102400, False, 4096, False),
     "deepseek-ai/deepseek-math-7b-instruct": (4096, 30, 11008, 32, 32, 102400, False, 4096, False),
@@ -1040,12 +1039,10 @@ MODELS = {
 
 def model_shape(name):
     """MODELS entry, the config.json of a local directory, the embedded tiny model, or None when unknown."""
-    if name.startswith("embedded"):
-        return (*(TINY[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                                    "num_key_value_heads")), len(SPECIAL) + len(CHARS), True, 256, True)
     cfg = Path(os.path.expanduser(name)) / "config.json"
-    if cfg.exists():
-        c = json.loads(cfg.read_text())
+    if name.startswith("embedded") or cfg.exists():
+        c = {**TINY, "vocab_size": len(SPECIAL) + len(CHARS), "model_type": "qwen2", **(
+            json.loads(cfg.read_text()) if cfg.exists() else {})}
         return (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["num_attention_heads"],
                 c.get("num_key_value_heads", c["num_attention_heads"]), c["vocab_size"],
                 c.get("tie_word_embeddings", False), c.get("max_position_embeddings", 0), c["model_type"] == "qwen2")
@@ -1059,51 +1056,45 @@ def param_count(shape):
     return vocab * h * (1 if tied else 2) + n_layers * layer + h
 
 
-def activation_bytes(shape, tokens, weight_bytes, autocast, checkpointing):
-    """What autograd keeps for the backward of the decoder, per micro-batch (measured against saved tensors on a
-    small Qwen2, tests/test_recipes.py): per token and layer, two RMSNorms keep an fp32 input and their output
-    (4 + w)h each; the linear layers keep their input (one bf16 cast per projection under autocast with fp32
-    weights), SDPA keeps q, k, v and its output (no L x L matrix), the SwiGLU MLP 4 tensors of size I. Autocast
-    with fp32 weights also keeps bf16 copies of the layer weights. Checkpointing keeps each layer's input and
-    recomputes one layer at a time."""
+def activation_bytes(shape, tokens, w, autocast, checkpointing):
+    """Bytes autograd keeps for the backward of the decoder (checked against saved tensors, tests/test_recipes.py).
+    Per token and layer, with w the weight bytes: two RMSNorms keep an fp32 input and their output, (4 + w)h each;
+    the linear layers keep their input (one bf16 cast per projection under autocast with fp32 weights), SDPA its q,
+    k, v and output (no L x L matrix), the SwiGLU MLP 4I. Autocast with fp32 weights also keeps bf16 copies of the
+    layer weights. Checkpointing keeps each layer's input and recomputes one layer at a time in backward."""
     h, n_layers, inter, heads, kv_heads = shape[:5]
-    kv, w = h // heads * kv_heads, weight_bytes
-    a = 2 if autocast or w == 2 else 4
+    kv, a = h // heads * kv_heads, 2 if autocast or w == 2 else 4
     per_layer = 2 * (4 + w) * h + a * ((5 if autocast and w == 4 else 2) * h + 2 * h + 2 * kv + 4 * inter)
-    layer_weights = 2 * (2 * h * h + 2 * h * kv + 3 * h * inter) if autocast and w == 4 else 0
-    final_norm = tokens * (4 + w) * h
+    weights = 2 * (2 * h * h + 2 * h * kv + 3 * h * inter) if autocast and w == 4 else 0  # one layer's bf16 copies
     if checkpointing:
-        return tokens * (n_layers * (4 if w == 4 else 2) * h + per_layer) + layer_weights + final_norm
-    return tokens * n_layers * per_layer + n_layers * layer_weights + final_norm
+        return tokens * (n_layers * (4 if w == 4 else 2) * h + per_layer + (4 + w) * h) + weights
+    return tokens * (n_layers * per_layer + (4 + w) * h) + n_layers * weights  # (4 + w)h: the final norm
 
 
 def dry_run(args, frozen=(), extra_sequences=0):
-    """--dry-run: print every flag with its value and source (command line, a recipe's or preset's `# comment`, or
-    the flag's default), the global batch of one optimizer step, and a per-GPU memory estimate; loads no weights and
-    no data. World size: $WORLD_SIZE, else 8 GPUs for a paper recipe (1 for the embedded default)."""
+    """--dry-run: print every flag with its value and source (command line, the `# comment` of the recipe or preset
+    line that set it, or the flag's default), the global batch of one optimizer step and a per-GPU memory estimate.
+    Loads no weights and no data. World size: $WORLD_SIZE, else 8 GPUs for a paper recipe, 1 for the embedded one."""
     module, sources = sys.modules[type(args).__module__], getattr(args, "_sources", {})
     world = int(os.environ.get("WORLD_SIZE") or (1 if args.recipe in (None, "embedded") else 8))
-    defaults, notes, unknown = _field_comments(type(args)), {}, []
+    defaults, unknown = _field_comments(type(args)), []
     print(f"[dry run] {Path(module.__file__).name} --recipe {args.recipe}, world size {world} (nothing is loaded)")
     for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
+        value, src = getattr(args, f.name), sources.get(f.name)
         if f.name in getattr(args, "_explicit", ()):
             src = "command line"
-        elif f.name in sources:
-            key, choice = sources[f.name].split(" ", 1)
-            if sources[f.name] not in notes:
-                notes[sources[f.name]] = _entry_comments(module, key.upper() + "S", choice)
-            src = f"{sources[f.name]}: {notes[sources[f.name]].get(f.name, '')}"
+        elif src:  # "recipe paper" -> the comment on that line of RECIPES["paper"]
+            src += ": " + _entry_comments(module, src.split()[0].upper() + "S", src.split()[1]).get(f.name, "")
         else:
             src = f"default: {defaults.get(f.name, '')}"
-        unknown += [f.name] if "UNKNOWN" in src else []
+        unknown += [f.name] * ("UNKNOWN" in src)
         shown = repr(value) if len(repr(value)) <= 46 else repr(value)[:40] + "...'"
         print(f"  {f.name:24s} {shown:46s} {src}")
     if hasattr(args, "batch_size"):  # teacher forcing: one demonstration per prompt
         seqs, prompts, seq_len, per = args.batch_size, args.batch_size, args.max_length, ""
     else:  # rollouts: --steps-per-generation optimizer steps (x --num-iterations passes) per rollout batch
-        opt = args.steps_per_generation
-        prompts, seq_len = args.prompts_per_step // opt, args.max_prompt_length + args.max_new_tokens
+        opt, seq_len = args.steps_per_generation, args.max_prompt_length + args.max_new_tokens
+        prompts = args.prompts_per_step // opt
         seqs = (args.prompts_per_step * args.num_generations + extra_sequences) // opt
         per = f" ({opt} x {args.num_iterations} per rollout batch of {args.prompts_per_step} prompts)"
     micro = -(-seqs // (world * args.grad_accum))
@@ -1113,22 +1104,21 @@ def dry_run(args, frozen=(), extra_sequences=0):
     if shape is None:
         print(f"memory: no shape for '{args.model}' (not in common.MODELS); pass a local directory with config.json")
     else:
-        n, w = param_count(shape), DTYPES[args.dtype].itemsize
-        shard = world if args.fsdp else 1
-        autocast = args.bf16 and w == 4
-        act = {c: activation_bytes(shape, micro * seq_len, w, autocast, c) for c in (False, True)}
-        head = 2 * 1024 * min(32768, shape[5]) * 4 + shape[5] * shape[0] * 4 + micro * seq_len * shape[0] * 4
+        n, w, shard = param_count(shape), DTYPES[args.dtype].itemsize, world if args.fsdp else 1
+        h, vocab = shape[0], shape[5]
+        act = {c: activation_bytes(shape, micro * seq_len, w, args.bf16 and w == 4, c) for c in (False, True)}
         parts = {"weights": n * w / shard, "gradients": n * w / shard, "AdamW state": 2 * n * w / shard,
                  "frozen models": sum(param_count(model_shape(m) or shape) * w for m in frozen),
-                 "activations": act[args.gradient_checkpointing], "fused head": head}
+                 "activations": act[args.gradient_checkpointing],  # the fused head: 2 tiles, fp32 dW and dh
+                 "fused head": 4 * (2 * 1024 * min(32768, vocab) + vocab * h + micro * seq_len * h)}
         gib = {k: v / 2**30 for k, v in parts.items() if v}
         print(f"memory per GPU (GiB, {n / 1e6:,.0f}M parameters, {args.dtype} weights"
-              f"{', bf16 autocast' if autocast else ''}, {'FSDP over ' + str(world) if args.fsdp else 'DDP'}): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in gib.items()) + f"; total {sum(gib.values()):.1f}")
+              f"{', bf16 autocast' if args.bf16 and w == 4 else ''}, {f'FSDP over {world}' if args.fsdp else 'DDP'}): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in gib.items()) + f"; total {sum(gib.values()):.1f}"
+              + (" + the colocated vLLM engine" if getattr(args, "generator", "") == "vllm" else ""))
         print(f"  decoder activations of one micro-batch: {act[False] / 2**30:.1f} GiB without gradient checkpointing, "
-              f"{act[True] / 2**30:.1f} GiB with; fused head: two 1024 x {min(32768, shape[5])} fp32 tiles, the fp32 "
-              f"weight gradient and dL/dh (no {micro * seq_len} x {shape[5]} logits)"
-              + ("; plus a colocated vLLM engine (its own weights and KV cache)" if getattr(args, "generator", "") == "vllm" else ""))
+              f"{act[True] / 2**30:.1f} GiB with; fused head: two 1024 x {min(32768, vocab)} fp32 tiles, the fp32 "
+              f"weight gradient and dL/dh (never the {micro * seq_len} x {vocab} logits)")
         if shape[7] and seq_len > shape[7]:
             print(f"  WARNING: {seq_len} tokens per sequence exceed the model's max_position_embeddings {shape[7]}")
     if unknown:
@@ -1136,31 +1126,17 @@ def dry_run(args, frozen=(), extra_sequences=0):
 
 
 def _entry_comments(module, table, entry):
-    """{field: trailing `# comment`} of the lines of TABLE[entry] in a method file (an entry is dict(...), possibly
-    built on a module-level dict: dict(BASE, k=v)); a line without a comment takes the entry's closing comment."""
+    """{field: the trailing `# comment` of its line} for TABLE[entry] = dict(...) in a method file; a line without
+    one takes the comment of the entry's last or first line, else of the table's first line."""
     import ast
     import io
     import tokenize
     src = inspect.getsource(module)
     notes = {t.start[0]: t.string.lstrip("# ").strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
              if t.type == tokenize.COMMENT}
-    names = {t.id: n.value for n in ast.parse(src).body if isinstance(n, ast.Assign) for t in n.targets
-             if isinstance(t, ast.Name)}
-
-    table_node = names.get(table)
-
-    def read(node):
-        if isinstance(node, ast.Name):
-            return read(names.get(node.id))
-        out = {}
-        for sub in getattr(node, "args", []) + [k.value for k in getattr(node, "keywords", []) if k.arg is None]:
-            out.update(read(sub))
-        for k in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
-            if k.arg:  # the value's line, else the entry's last or first line, else the table's first line
-                out[k.arg] = next((notes[n] for n in (k.value.end_lineno, node.end_lineno, node.lineno,
-                                                      table_node.lineno) if n in notes), "")
-        return out
-    for k, v in zip(getattr(table_node, "keys", []), getattr(table_node, "values", [])):
-        if isinstance(k, ast.Constant) and k.value == entry:
-            return read(v)
-    return {}
+    node = next((n.value for n in ast.parse(src).body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "")
+                 == table), None)
+    call = next((v for k, v in zip(getattr(node, "keys", []), getattr(node, "values", []))
+                 if isinstance(k, ast.Constant) and k.value == entry), None)
+    return {k.arg: next((notes[n] for n in (k.value.end_lineno, call.end_lineno, call.lineno, node.lineno)
+                         if n in notes), "") for k in getattr(call, "keywords", []) if k.arg}
