@@ -402,6 +402,9 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
     """`embedded` -> the synthetic task; a preset (DATASETS) or NAME:FILE; a local .json/.jsonl/.parquet/.csv file; or a
     hub dataset name."""
     if dataset.partition(":")[0] in DATASETS:  # a paper's dataset: hub name, split, fields and system prompt preset
+        if (prompt_column, response_column, answer_column) != ("prompt", "response", "answer"):
+            raise UserError(f"dataset preset '{dataset}' fixes its own fields; drop --prompt-column/--response-column/"
+                            "--answer-column, or pass the hub name or file instead of the preset to map columns")
         return load_preset(dataset, need_response, limit)
     if dataset == "embedded":
         rows = embedded_task(embedded_split)

@@ -271,6 +271,13 @@ def test_preset_bad_inputs(tmp_path):
     bad.write_text(json.dumps({"problem": "What is 1+1?", "answer": ""}) + "\n")
     with pytest.raises(common.UserError, match="dataset preset 'math500' .* has no usable row"):
         common.load_examples(f"math500:{bad}", need_response=False)
+    bad.write_text("not json\n")
+    with pytest.raises(common.UserError, match=f"could not load dataset preset 'math500' from {bad} .*; check the "
+                                                "network, or pass a local copy as math500:FILE"):
+        common.load_examples(f"math500:{bad}")
+    with pytest.raises(common.UserError, match="dataset preset 'math500:x.jsonl' fixes its own fields; drop "
+                                                "--prompt-column"):
+        common.load_examples("math500:x.jsonl", prompt_column="question")
 
 
 @pytest.mark.slow
