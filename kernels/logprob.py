@@ -819,12 +819,134 @@ def default_position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | 
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _decoder_hidden(lm, input_ids, attention_mask, position_ids):
-    """Last hidden states (B, L, d) of the transformer body (final norm included)."""
-    out = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None, rows_per_group=32, max_groups=4):
+    """Last hidden states (B, L, d) of the transformer body (final norm included).
+
+    With `loss_mask`, only what the scored tokens need is computed (issue 11; positions not computed are 0):
+    * the hidden state at i - 1 predicts token i, so a row's tokens from its last target on are never inputs and
+      are cut (the EOS and the right padding of SFT/RL batches);
+    * rows that begin with the same context (the G completions of a GRPO prompt: same tokens before the first
+      target) share it: the body runs on each distinct context once into a KV cache, and the rest of every row
+      (its suffix) attends to that cache; gradients flow back through the cache into the shared pass.  On the
+      embedded GRPO batch this is a third fewer tokens;
+    * the suffixes are sorted by length and split into up to `max_groups` groups of at least `rows_per_group`
+      rows, each trimmed to its own longest row, when that saves over 5% of the padded tokens;
+    * with no shared context and right-padded rows (ones, then zeros) no attention mask is passed: under the causal
+      mask a real token never sees a later pad, so SDPA takes its causal path without building a mask.
+    The results equal one plain pass up to float rounding.  One host sync (the mask and the prompt tokens).  Under
+    FSDP2 or gradient checkpointing, and with dropout while training, it is one pass over the trimmed batch.
+    """
+    decoder = lm.get_decoder()
+
+    def body(ids, am, pos, cache=None):
+        out = decoder(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache,
+                      use_cache=cache is not None)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    if loss_mask is None:
+        return body(input_ids, attention_mask, position_ids)
+    B, L = input_ids.shape
+    dev = input_ids.device
+    am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    pos = default_position_ids(am) if position_ids is None else position_ids
+    scored = loss_mask.detach().bool().clone()
+    scored[:, 0] = False
+    ar = torch.arange(L, device=dev)
+    last = (scored * ar).amax(1)  # (B,) positions [0, last) are inputs to a scored position
+    first = torch.where(scored, ar, L).amin(1)  # (B,) positions [0, first) are context only
+    left = bool((am[:, 1:] > am[:, :-1]).any()) if L > 1 else False
+    need = last.clamp(min=1).tolist()
+    first = [min(f, n) for f, n in zip(first.tolist(), need)]
+    multi_pass = _multi_pass_ok(lm)
+
+    # 1. shared contexts: one pass over each distinct context, kept as a KV cache
+    cache, hu, prefix, gid = None, None, [0] * B, [0] * B
+    if multi_pass and multi_pass != "no_cache":
+        P = max(first)
+        rows = torch.cat([input_ids[:, :P], am[:, :P], pos[:, :P]], 1).tolist()  # the host sync for the contexts
+        keys = {}
+        for b in range(B):
+            f = first[b]
+            gid[b] = keys.setdefault((tuple(rows[b][:f]), tuple(rows[b][P:P + f]), tuple(rows[b][2 * P:2 * P + f])),
+                                     len(keys))
+        saved = sum(first) - sum(len(k[0]) for k in keys)
+        if saved > 0.1 * sum(need):
+            from transformers import DynamicCache
+            rep = {}
+            for b in range(B):
+                rep.setdefault(gid[b], b)
+            rep = torch.tensor([rep[u] for u in range(len(keys))], device=dev)
+            f_u = torch.tensor([len(k[0]) for k in keys], device=dev)
+            P = int(f_u.max())
+            pm = am.index_select(0, rep)[:, :P] * (ar[None, :P] < f_u[:, None])  # (U, P) valid context tokens
+            cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+            hu = body(input_ids.index_select(0, rep)[:, :P], pm if left else None, pos.index_select(0, rep)[:, :P],
+                      cache)  # (U, P, d)
+            prefix = first
+        else:
+            gid = [0] * B
+
+    # 2. the rest of every row, in groups of similar length
+    suffix = [n - f for n, f in zip(need, prefix)]
+    order = sorted(range(B), key=lambda b: -suffix[b])
+    k = max(1, min(max_groups, B // rows_per_group)) if multi_pass else 1
+    groups = [order[j * B // k:(j + 1) * B // k] for j in range(k)]
+    if sum(len(g) * suffix[g[0]] for g in groups) > 0.95 * B * suffix[order[0]]:
+        groups = [list(range(B))]  # not worth the extra passes
+    off = torch.tensor(prefix, device=dev)
+    g_of = torch.tensor(gid, device=dev)
+    parts, index = [], torch.full((B, L), -1, dtype=torch.long, device=dev)
+    if hu is not None:
+        in_ctx = ar[None] < off[:, None]
+        index = torch.where(in_ctx, g_of[:, None] * hu.shape[1] + ar[None], index)
+        parts.append(hu.reshape(-1, hu.shape[-1]))
+    base = sum(p.shape[0] for p in parts)
+    for g in groups:
+        n = max(suffix[b] for b in g)
+        if n == 0:
+            continue
+        rows = torch.tensor(g, device=dev)
+        cols = (off.index_select(0, rows)[:, None] + ar[None, :n]).clamp(max=L - 1)  # (b, n)
+        valid = ar[None, :n] < torch.tensor([suffix[b] for b in g], device=dev)[:, None]
+        sub_am = am.index_select(0, rows).gather(1, cols) * valid
+        sub_cache = None
+        if cache is not None:  # this group's copy of its contexts' keys and values
+            from transformers import DynamicCache
+            sub_cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+            for i, layer in enumerate(cache.layers):
+                sel = g_of.index_select(0, rows)
+                sub_cache.update(layer.keys.index_select(0, sel), layer.values.index_select(0, sel), i)
+            sub_am = torch.cat([pm.index_select(0, g_of.index_select(0, rows)), sub_am], 1)
+        h = body(input_ids.index_select(0, rows).gather(1, cols),
+                 sub_am if (cache is not None or left) else None,
+                 pos.index_select(0, rows).gather(1, cols), sub_cache)  # (b, n, d)
+        in_sfx = (ar[None] >= off[rows][:, None]) & (ar[None] < (off[rows] + n)[:, None])
+        local = base + torch.arange(len(g), device=dev)[:, None] * n + (ar[None] - off[rows][:, None])
+        index[rows] = torch.where(in_sfx, local, index[rows])
+        parts.append(h.reshape(-1, h.shape[-1]))
+        base += h.shape[0] * n
+    flat = torch.cat(parts + [parts[0].new_zeros(1, parts[0].shape[-1])])  # last row: zeros for what is not computed
+    return flat.index_select(0, torch.where(index < 0, base, index).reshape(-1)).view(B, L, -1)
+
+
+def _multi_pass_ok(lm):
+    """Whether `_decoder_hidden` may run the body more than once per forward: False under FSDP2 (each pass would
+    gather every layer again) and gradient checkpointing; "no_cache" (groups but no shared contexts) when the
+    model's cache is not a plain DynamicCache (sliding windows, state-space layers), is an encoder-decoder, or
+    uses dropout while training (shared contexts would share their dropout masks)."""
+    checkpointing = lm.is_activation_checkpointing if hasattr(type(lm), "is_activation_checkpointing") else getattr(
+        lm, "is_gradient_checkpointing", False)
+    if checkpointing or any(hasattr(m, "unshard") for m in lm.modules()):
+        return False
+    cfg = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
+    dropout = lm.training and (getattr(cfg, "attention_dropout", 0) or any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules()))
+    if dropout or getattr(lm.config, "is_encoder_decoder", False) or not getattr(
+            lm, "_supports_default_dynamic_cache", lambda: False)():
+        return "no_cache"
+    from transformers import DynamicCache
+    plain = all(type(layer).__name__ == "DynamicLayer" for layer in DynamicCache(config=cfg).layers)
+    return True if plain else "no_cache"
 
 
 def response_hidden(lm, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
@@ -836,7 +958,7 @@ def response_hidden(lm, input_ids, attention_mask, loss_mask, position_ids=None)
     if position_ids is None:
         position_ids = default_position_ids(attention_mask)
     pos = target_positions(loss_mask)
-    hidden = _decoder_hidden(lm, input_ids, attention_mask, position_ids)  # (B, L, d)
+    hidden = _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask)  # (B, L, d)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos - 1)
 
 
@@ -921,7 +1043,7 @@ class FusedLM(torch.nn.Module):
             return self._unfused_forward(input_ids, attention_mask, position_ids, pos, targets, temperature,
                                          with_entropy)
 
-        hidden = _decoder_hidden(self.lm, input_ids, attention_mask, position_ids)  # (B, L, d)
+        hidden = _decoder_hidden(self.lm, input_ids, attention_mask, position_ids, loss_mask)  # (B, L, d)
         h = hidden.reshape(B * L, -1).index_select(0, pos - 1)  # (N, d): row i-1 predicts token i
         out_emb = self.lm.get_output_embeddings()
         weight, bias = out_emb.weight, getattr(out_emb, "bias", None)

@@ -46,11 +46,15 @@ TARGETS = {"sft_tokens_per_s": 1.3, "grpo_step_s": 0.67, "peak_mb": 1.0}  # issu
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="any causal LM; default: embedded for SFT, embedded:warm for GRPO")
-    ap.add_argument("--sft-steps", type=int, default=40, help="optimizer steps per SFT run")
-    ap.add_argument("--grpo-steps", type=int, default=10, help="rollout steps per GRPO run")
-    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians")
+    ap.add_argument("--sft-steps", type=int, default=30, help="optimizer steps per SFT run")
+    ap.add_argument("--grpo-steps", type=int, default=8, help="rollout steps per GRPO run")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the medians")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per side, alternating ours/TRL (a shared machine "
+                    "slows down for minutes at a time: interleaving lets that hit both sides alike)")
     ap.add_argument("--loss-type", default="dapo", choices=["dapo", "dr_grpo", "grpo"], help="GRPO aggregation, both")
     ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads, the same for both sides")
+    ap.add_argument("--clock", default=None, choices=["cpu", "wall"], help="step clock: process CPU time (default "
+                    "with 1 thread: what a step costs, whatever else the machine runs) or wall time (default otherwise)")
     ap.add_argument("--eval-size", type=int, default=8, help="our start/end held-out evaluation (not timed)")
     ap.add_argument("--only", default=None, choices=["sft", "grpo"], help="run one of the two comparisons")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="summary.md and results.json go here")
@@ -62,10 +66,10 @@ def parse():
 # ----------------------------------------------------------------------------------------------------------------
 # The shared settings: our own argument parser resolves the embedded recipe; TRL gets the same values.
 # ----------------------------------------------------------------------------------------------------------------
-def our_argv(kind, a):
+def our_argv(kind, a, seed):
     model = a.model or ("embedded" if kind == "sft" else "embedded:warm")
     argv = ["--model", model, "--recipe", "embedded", "--eval-size", str(a.eval_size), "--eval-every", "0",
-            "--save-every", "0", "--quiet"]
+            "--save-every", "0", "--quiet", "--seed", str(seed)]
     if kind == "sft":
         return argv + ["--max-steps", str(a.sft_steps)]
     return argv + ["--max-steps", str(a.grpo_steps), "--loss-agg", a.loss_type]
@@ -92,50 +96,57 @@ def spawn(cmd, log_path):
     return usage.ru_maxrss / 1024  # Linux: KiB -> MiB
 
 
-def run_ours(kind, a, work):
-    out = work / f"ours_{kind}"
-    cmd = [sys.executable, str(REPO / "methods" / f"{kind}.py"), *our_argv(kind, a), "--output-dir", str(out),
-           "--overwrite"]
+def run_side(side, kind, a, work, seed):
+    """One run of one side in a fresh child (this file with --worker); returns its per-step numbers and peak RSS."""
+    job, out = work / f"{side}_{kind}.json", work / f"{side}_{kind}"
+    argv = our_argv(kind, a, seed) + ["--output-dir", str(out), "--overwrite"]
+    job.write_text(json.dumps({"argv": argv, "args": resolved(kind, argv), "threads": a.threads, "clock": a.clock,
+                               "out": str(out)}, default=str))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{side}_{kind}", "--job", str(job)]
     t0 = time.perf_counter()
-    peak = spawn(cmd, work / f"ours_{kind}.log")
+    peak = spawn(cmd, work / f"{side}_{kind}.log")
     wall = time.perf_counter() - t0
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "perf/tokens" in r]
-    res = {"peak_mb": peak, "wall_s": wall, "cmd": " ".join(cmd[1:])}
-    if kind == "sft":
-        tokens = [b["perf/tokens"] - a_["perf/tokens"] for a_, b in zip([{"perf/tokens": 0}] + steps, steps)]
-        res.update(step_s=[r["perf/step_time"] for r in steps], tokens=tokens, loss=[r["train/loss"] for r in steps])
-    else:
-        res.update(gen_s=[r["perf/gen_time"] for r in steps], train_s=[r["perf/train_time"] for r in steps],
-                   reward=[r["train/reward"] for r in steps], loss=[r["train/loss"] for r in steps])
-        res["step_s"] = [g + t for g, t in zip(res["gen_s"], res["train_s"])]
+    if side == "trl":
+        res = json.loads((out / "result.json").read_text())
+    else:  # ours: what the method file itself logged in metrics.jsonl
+        steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "perf/tokens" in r]
+        if kind == "sft":
+            res = {"step_s": [r["perf/step_time"] for r in steps], "loss": [r["train/loss"] for r in steps],
+                   "tokens": [b["perf/tokens"] - a_["perf/tokens"] for a_, b in zip([{"perf/tokens": 0}] + steps,
+                                                                                     steps)]}
+        else:
+            res = {"gen_s": [r["perf/gen_time"] for r in steps], "train_s": [r["perf/train_time"] for r in steps],
+                   "reward": [r["train/reward"] for r in steps], "loss": [r["train/loss"] for r in steps]}
+            res["step_s"] = [g + t for g, t in zip(res["gen_s"], res["train_s"])]
+    res.update(peak_mb=peak, wall_s=wall, seed=seed)
     return res
 
 
-def run_trl(kind, a, work):
-    job = work / f"trl_{kind}.json"
-    argv = our_argv(kind, a)
-    job.write_text(json.dumps({"args": resolved(kind, argv), "threads": a.threads, "out": str(work / f"trl_{kind}")},
-                              default=str))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"trl_{kind}", "--job", str(job)]
-    t0 = time.perf_counter()
-    peak = spawn(cmd, work / f"trl_{kind}.log")
-    res = json.loads((work / f"trl_{kind}" / "result.json").read_text())
-    res.update(peak_mb=peak, wall_s=time.perf_counter() - t0, cmd="TRL " + kind)
-    return res
+def ours_worker(kind, cfg):
+    """Child process: run methods/<kind>.py's main() as `python methods/<kind>.py ARGV` would, with the step clock
+    (common.timer, what perf/* times are measured with) switched to CPU time when --clock cpu."""
+    import torch
+    torch.set_num_threads(cfg["threads"])
+    import common
+    from tests_util import load_method
+    if cfg["clock"] == "cpu":
+        common.timer = time.process_time
+    method = load_method(kind)
+    sys.argv = [str(REPO / "methods" / f"{kind}.py"), *cfg["argv"]]
+    method.main()
 
 
 class StepTimer:
     """A transformers TrainerCallback (duck-typed): the interval between consecutive on_step_end calls, and logs."""
 
-    def __init__(self):
-        self.step_s, self.logs, self.last = [], [], None
+    def __init__(self, clock):
+        self.clock, self.step_s, self.logs, self.last = clock, [], [], None
 
     def on_train_begin(self, args, state, control, **kw):
-        self.last = time.perf_counter()
+        self.last = self.clock()
 
     def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
+        now = self.clock()
         self.step_s.append(now - self.last)
         self.last = now
 
@@ -148,10 +159,9 @@ class StepTimer:
         raise AttributeError(name)
 
 
-def trl_worker(kind, job):
+def trl_worker(kind, cfg):
     """Child process: build TRL's trainer with our resolved settings, train, write result.json."""
-    cfg = json.loads(Path(job).read_text())
-    a, out = cfg["args"], Path(cfg["out"])
+    a, out, clock = cfg["args"], Path(cfg["out"]), time.process_time if cfg["clock"] == "cpu" else time.perf_counter
     out.mkdir(parents=True, exist_ok=True)
     import torch
     torch.set_num_threads(cfg["threads"])
@@ -161,7 +171,7 @@ def trl_worker(kind, job):
     path = common.resolve_model(a["model"])
     tokenizer = common.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    timer = StepTimer()
+    timer = StepTimer(clock)
     common_cfg = dict(output_dir=str(out / "trainer"), max_steps=a["max_steps"], learning_rate=a["lr"],
                       adam_beta1=a["beta1"], adam_beta2=a["beta2"], weight_decay=a["weight_decay"],
                       max_grad_norm=a["max_grad_norm"], optim="adamw_torch", use_cpu=True, bf16=False,
@@ -202,9 +212,9 @@ def trl_worker(kind, job):
 
         class Trainer(GRPOTrainer):
             def _generate_and_score_completions(self, inputs):
-                t0 = time.perf_counter()
+                t0 = clock()
                 batch = super()._generate_and_score_completions(inputs)
-                gen_s.append(time.perf_counter() - t0)
+                gen_s.append(clock() - t0)
                 return batch
 
         G = a["num_generations"]
@@ -226,74 +236,85 @@ def trl_worker(kind, job):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Summary
+# Summary: medians over the steps after warm-up of every round pooled; peak memory: the largest of the rounds
 # ----------------------------------------------------------------------------------------------------------------
-def med(xs, warmup):
-    xs = xs[warmup:] if len(xs) > warmup else xs
-    return statistics.median(xs)
+def pooled(runs, key, warmup):
+    return statistics.median(x for r in runs for x in (r[key][warmup:] if len(r[key]) > warmup else r[key]))
 
 
 def summarise(results, a):
-    lines, checks = ["| measure | ours | TRL | ours / TRL | target |", "|---|---|---|---|---|"], []
+    lines, checks = ["| measure | ours | TRL | ours / TRL | per round | target |", "|---|---|---|---|---|---|"], []
 
-    def row(name, ours, trl, target=None, higher_better=False, fmt="{:.3f}"):
+    def row(name, kind, key, target=None, higher_better=False, fmt="{:.3f}"):
+        o, t = results[kind]["ours"], results[kind]["trl"]
+        if key == "peak_mb":
+            ours, trl = max(r[key] for r in o), max(r[key] for r in t)
+            rounds = [r1[key] / r2[key] for r1, r2 in zip(o, t)]
+        else:
+            ours, trl = pooled(o, key, a.warmup), pooled(t, key, a.warmup)
+            rounds = [pooled([r1], key, a.warmup) / pooled([r2], key, a.warmup) for r1, r2 in zip(o, t)]
         ratio = ours / trl
         ok = None if target is None else (ratio >= target if higher_better else ratio <= target)
         tgt = "" if target is None else f"{'>=' if higher_better else '<='} {target} ({'met' if ok else 'MISSED'})"
-        lines.append(f"| {name} | {fmt.format(ours)} | {fmt.format(trl)} | {ratio:.2f} | {tgt} |")
+        lines.append(f"| {name} | {fmt.format(ours)} | {fmt.format(trl)} | {ratio:.2f} | "
+                     f"{' '.join(f'{x:.2f}' for x in rounds)} | {tgt} |")
         if ok is not None:
             checks.append(ok)
 
-    w = a.warmup
     if "sft" in results:
-        o, t = results["sft"]["ours"], results["sft"]["trl"]
-        tps = [[n / s for n, s in zip(r["tokens"], r["step_s"])] for r in (o, t)]
-        row("SFT tokens/s (median)", med(tps[0], w), med(tps[1], w), TARGETS["sft_tokens_per_s"], True, "{:.0f}")
-        row("SFT s/step (median)", med(o["step_s"], w), med(t["step_s"], w))
-        row("SFT peak RSS MB", o["peak_mb"], t["peak_mb"], TARGETS["peak_mb"], fmt="{:.0f}")
+        for r in results["sft"]["ours"] + results["sft"]["trl"]:
+            r["tokens_per_s"] = [n / t for n, t in zip(r["tokens"], r["step_s"])]
+        row("SFT tokens/s (median)", "sft", "tokens_per_s", TARGETS["sft_tokens_per_s"], True, "{:.0f}")
+        row("SFT s/step (median)", "sft", "step_s")
+        row("SFT peak RSS MB", "sft", "peak_mb", TARGETS["peak_mb"], fmt="{:.0f}")
     if "grpo" in results:
-        o, t = results["grpo"]["ours"], results["grpo"]["trl"]
-        row("GRPO s/step (median)", med(o["step_s"], w), med(t["step_s"], w), TARGETS["grpo_step_s"])
-        row("GRPO generation s/step", med(o["gen_s"], w), med(t["gen_s"], w))
-        row("GRPO training s/step", med(o["train_s"], w), med(t["train_s"], w))
-        row("GRPO peak RSS MB", o["peak_mb"], t["peak_mb"], TARGETS["peak_mb"], fmt="{:.0f}")
+        row("GRPO s/step (median)", "grpo", "step_s", TARGETS["grpo_step_s"])
+        row("GRPO generation s/step", "grpo", "gen_s")
+        row("GRPO training s/step", "grpo", "train_s")
+        row("GRPO peak RSS MB", "grpo", "peak_mb", TARGETS["peak_mb"], fmt="{:.0f}")
     traj = []
     for kind, key in (("sft", "loss"), ("grpo", "reward")):
         for side in ("ours", "trl"):
-            if kind in results:
-                v = results[kind][side][key]
-                k = max(len(v) // 4, 1)
-                traj.append(f"- {kind} {key} {side:4s}: first {[round(x, 3) for x in v[:3]]}, last "
-                            f"{[round(x, 3) for x in v[-3:]]}, mean of the last {k}: {statistics.fmean(v[-k:]):.3f}")
-    head = (f"Ours vs TRL on the same work ({a.model or 'embedded default'}; {a.threads} thread(s); medians over "
-            f"steps after the first {w}; SFT {a.sft_steps} steps, GRPO {a.grpo_steps} steps, loss type {a.loss_type})")
+            if kind not in results:
+                continue
+            runs = [r[key] for r in results[kind][side]]
+            k = max(min(map(len, runs)) // 4, 1)
+            tails = [statistics.fmean(v[-k:]) for v in runs]
+            traj.append(f"- {kind} {key} {side:4s}: round 1 first {[round(x, 3) for x in runs[0][:3]]}, last "
+                        f"{[round(x, 3) for x in runs[0][-3:]]}; mean of the last {k} steps per round (seed 0, 1, ..): "
+                        f"{' '.join(f'{x:.3f}' for x in tails)}")
+    head = (f"Ours vs TRL on the same work ({a.model or 'embedded default'}; {a.threads} thread(s), {a.clock} clock; "
+            f"{a.rounds} rounds "
+            f"alternating the sides, seed = round; medians over the steps after the first {a.warmup} of every run; "
+            f"SFT {a.sft_steps} steps, GRPO {a.grpo_steps} steps, loss type {a.loss_type})")
     return "\n".join([head, "", *lines, "", "Trajectories (same settings, different sample order):", *traj]), checks
 
 
 def main():
     a = parse()
     if a.worker:
-        return trl_worker(a.worker.split("_", 1)[1], a.job)
+        side, kind = a.worker.split("_", 1)
+        return (trl_worker if side == "trl" else ours_worker)(kind, json.loads(Path(a.job).read_text()))
+    a.clock = a.clock or ("cpu" if a.threads == 1 else "wall")
     os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))  # both sides alike
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import common
-    for kind in ("sft", "grpo"):  # build the cached embedded checkpoints first, outside any timing
-        if a.only in (None, kind):
-            common.resolve_model(a.model or ("embedded" if kind == "sft" else "embedded:warm"))
+    kinds = [k for k in ("sft", "grpo") if a.only in (None, k)]
+    for kind in kinds:  # build the cached embedded checkpoints first, outside any timing
+        common.resolve_model(a.model or ("embedded" if kind == "sft" else "embedded:warm"))
     import trl
-    results, t_start = {}, time.perf_counter()
+    results, t_start = {k: {"ours": [], "trl": []} for k in kinds}, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
         work = Path(tmp)
-        for kind in ("sft", "grpo"):
-            if a.only not in (None, kind):
-                continue
-            results[kind] = {}
-            for side, fn in (("ours", run_ours), ("trl", run_trl)):
-                print(f"[bench] {kind} {side} ...", flush=True)
-                results[kind][side] = r = fn(kind, a, work)
-                print(f"[bench] {kind} {side}: {len(r['step_s'])} steps, median {med(r['step_s'], a.warmup):.3f} "
-                      f"s/step, peak {r['peak_mb']:.0f} MB, {r['wall_s']:.0f} s wall", flush=True)
+        for rnd in range(a.rounds):
+            for kind in kinds:
+                for side in ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours"):  # alternate who goes first
+                    r = run_side(side, kind, a, work, rnd)
+                    results[kind][side].append(r)
+                    print(f"[bench] round {rnd + 1}/{a.rounds} {kind} {side:4s}: {len(r['step_s'])} steps, median "
+                          f"{pooled([r], 'step_s', a.warmup):.3f} s/step, peak {r['peak_mb']:.0f} MB, "
+                          f"{r['wall_s']:.0f} s wall", flush=True)
     table, checks = summarise(results, a)
     footer = (f"\ntrl {trl.__version__}; the benchmark took {time.perf_counter() - t_start:.0f} s; "
               f"command: python tests/bench_trl.py {' '.join(sys.argv[1:])}")
