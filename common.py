@@ -453,6 +453,9 @@ def encode_prompt(tokenizer, prompt, system_prompt=None):
 def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_response=True, log=print):
     """Add 'prompt_ids' (chat template, generation prompt) and 'response_ids' (response text + EOS: the EOS is a
     target so the model learns to stop). Rows longer than max_length are dropped and counted; an error if all are."""
+    if not rows:  # e.g. a dataset of N <= --eval-size rows: all of it was held out for evaluation
+        raise UserError("no training examples are left: without --eval-dataset the last --eval-size rows of "
+                        "--dataset are held out for evaluation; pass --eval-dataset FILE or a smaller --eval-size")
     out, too_long, empty = [], 0, 0
     for r in rows:
         p = encode_prompt(tokenizer, r["prompt"], system_prompt if system_prompt is not None else r.get("system"))

@@ -105,6 +105,8 @@ BAD = [
     ("sft", ["--model", "./no/such/dir"], "does not exist"),
     ("sft", ["--dataset", "missing.jsonl"], "does not exist"),
     ("sft", ["--max-length", "8"], "every one of the"),
+    ("grpo", ["--dataset", "tests/data/math500.jsonl", "--prompt-column", "problem", "--answer-column", "answer"],
+     "no training examples are left"),  # 5 rows, all held out by --eval-size 256
     ("sft", ["--batch-size", "10", "--grad-accum", "3"], "micro-batches"),
 ]
 
