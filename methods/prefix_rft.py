@@ -44,7 +44,7 @@ Choices and deviations (each where the sources are silent or the official code d
   |y*| counts the demonstration's text tokens (without the EOS that tokenize_examples appends), as the official
   `tokenizer(text)`, so at least one demonstration token and the EOS are left to the policy.
 - --min-prefix-len (official `min_prefix_len`) and the cosine horizon are missing from the shipped configs: defaults
-  1 and --max-steps. The paper's horizon is unknown in the sources; the embedded recipe decays over its 60 steps
+  1 and --max-steps. The paper's horizon is unknown in the sources; the embedded recipe decays over its 100 steps
   (a demo setting).
 - Dr. GRPO aggregation is the paper's form (token sum / constant max length, mean over sequences); the official
   `dr_grpo` mode divides the sum over the micro-batch by a configured max token count (no mean over sequences), a
@@ -158,9 +158,11 @@ PRESETS = {
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
-    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
-                     eval_every=20, prefix_decay_steps=60),  # prefix-rft: a demo horizon (the paper's is unknown)
+    # tiny model after a short SFT, 2-core CPU: short completions, lr 1e-4 over 100 steps (measured: lr 1e-4 x 32
+    # prompts raised the 10-step mean reward 0.20 -> 0.36 in 76 steps; 5e-5 x 60 steps moved held-out accuracy
+    # by +0.03 at most)
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=1e-4, max_steps=100, prompts_per_step=16,
+                     eval_every=25, prefix_decay_steps=100),  # prefix-rft: a demo horizon (the paper's is unknown)
     # --- paper recipes (GPU cluster; check with --dry-run): Prefix-RFT (arXiv 2507.01679). The repository ships no
     # run configuration: values are from prefix_rft_trainer.yaml and the paper as summarised (spec methods_b.md §3);
     # what neither gives is UNKNOWN and set as LUFFY's (same data, same comparisons) ---

@@ -35,7 +35,7 @@ code's per-rank gradient accumulation makes it 1/dp of a mean under DDP, a pitfa
 max reward <= 0 (code: == 0; the same for 0/1 rewards, and it keeps DAPO-penalised failures); the fine-tuning step
 does not step the RL lr scheduler (the code does; constant lr makes no difference). alpha defaults to the code's
 1e-3 (the paper's sweep prefers 1e-4). The embedded recipe uses M = 16 (code: 128) so that the buffer fills and
-fires about 20 times in the 60-step demo run, and one optimizer step per rollout batch (its 16 prompts are already
+fires about 30 times in the 100-step demo run, and one optimizer step per rollout batch (its 16 prompts are already
 fewer than one of ReLIFT's 64-prompt mini-batches; splitting them in two lost accuracy: 0.39 -> 0.37 vs 0.43).
 
 Run:
@@ -141,9 +141,11 @@ PRESETS = {
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: larger lr, short completions, frequent evaluation
-    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, max_steps=60, prompts_per_step=16,
-                     eval_every=20,
+    # tiny model after a short SFT, 2-core CPU: short completions, lr 1e-4 over 100 steps (measured: lr 1e-4 x 32
+    # prompts raised the 10-step mean reward 0.20 -> 0.36 in 76 steps; 5e-5 x 60 steps moved held-out accuracy
+    # by +0.03 at most)
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=1e-4, max_steps=100, prompts_per_step=16,
+                     eval_every=25,
                      sft_buffer_size=16,  # ReLIFT demo: M = 16 (code 128) fills about every 3 steps of 16 prompts
                      steps_per_generation=1),  # the demo's 16-prompt batch is already smaller than a 64-prompt mini
     # --- paper recipes (GPU cluster; check with --dry-run): ReLIFT (arXiv 2506.07527) as released,
