@@ -597,6 +597,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; otherwise the CPU KV cache claims ~9 GiB
         from vllm import LLM
         kw = {} if not torch.cuda.is_available() else {"gpu_memory_utilization": gpu_memory_utilization}
+        self.dtype = getattr(torch, dtype)
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
                        **kw)
 
@@ -618,7 +619,10 @@ class VLLMEngine:
     def push(self, model):
         """Copy the trainer's weights into the engine. Push the whole state_dict at once (tied embeddings: it holds
         lm_head.weight; one call per parameter gave NaNs), then reset the prefix cache (stale KV otherwise)."""
-        sd = {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+        sd = {}
+        for k, v in unwrap(model).state_dict().items():  # under FSDP2 the values are shards (DTensor): gather each
+            v = v.detach()  # full tensor (a collective: every rank pushes, in the same order), in the engine's dtype
+            sd[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).to(self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
         self.llm.reset_prefix_cache()
 
@@ -626,7 +630,10 @@ class VLLMEngine:
 def make_engine(generator, model_path, d, max_model_len):
     if generator == "hf":
         return None
-    return VLLMEngine(model_path, seed=d.rank, max_model_len=max_model_len)
+    # bf16 on GPUs, as verl's and TRL's rollout engines (the trainer recomputes the old log-probs in its own
+    # precision; train/vllm_logp_gap shows the difference); fp32 on CPU, where tests check the gap is ~1e-6
+    dtype = "bfloat16" if d.device.type == "cuda" else "float32"
+    return VLLMEngine(model_path, seed=d.rank, max_model_len=max_model_len, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
