@@ -18,12 +18,16 @@ copied into TRL's config, so both sides always run the same work):
   median after --warmup steps, and the reward trajectory.
 - Peak memory: each side runs in a fresh child process; its peak resident set (ru_maxrss from wait4) is reported,
   the whole process (imports, model, data, optimizer, generation, our start/end evaluation on --eval-size rows).
-- Step time: ours from metrics.jsonl (perf/step_time for SFT; perf/gen_time + perf/train_time for GRPO); TRL from
-  a callback, the interval between consecutive on_step_end calls (so it includes data loading, as ours does), with
-  the generation part timed around GRPOTrainer._generate_and_score_completions.
+- Step time: ours is what the method file logs in metrics.jsonl (perf/step_time for SFT; perf/gen_time +
+  perf/train_time for GRPO), run unchanged through its main() in a child; TRL's is the interval between consecutive
+  on_step_end calls of a callback (so it includes data loading, as ours does), with the generation part timed
+  around GRPOTrainer._generate_and_score_completions (sampling, decoding, rewards, advantages).
 - Threads: both sides get the same OMP/torch thread count (--threads, default 1: on a 0.6M-parameter model the
   operations are too small to split, and on a shared machine an OpenMP thread that is descheduled stalls every
   operation; with 2 threads and another busy process we measured GRPO generation 50x slower).
+- Clock: with one thread, process CPU time by default (--clock cpu): on a machine other jobs share, wall time per
+  step varied 2x between minutes while CPU time moved far less; on an idle machine the two agree. --clock wall
+  otherwise. Both sides are run --rounds times, alternating which goes first, with seed = round number.
 The ratios (ours / TRL) are printed and written to <out>/summary.md, with the raw per-step numbers in results.json.
 """
 import argparse
@@ -58,7 +62,7 @@ def parse():
     ap.add_argument("--eval-size", type=int, default=8, help="our start/end held-out evaluation (not timed)")
     ap.add_argument("--only", default=None, choices=["sft", "grpo"], help="run one of the two comparisons")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="summary.md and results.json go here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: trl_sft | trl_grpo
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: {ours,trl}_{sft,grpo}
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: json file with the job
     return ap.parse_args()
 
