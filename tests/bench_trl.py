@@ -50,8 +50,8 @@ TARGETS = {"sft_tokens_per_s": 1.3, "grpo_step_s": 0.67, "peak_mb": 1.0}  # issu
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="any causal LM; default: embedded for SFT, embedded:warm for GRPO")
-    ap.add_argument("--sft-steps", type=int, default=30, help="optimizer steps per SFT run")
-    ap.add_argument("--grpo-steps", type=int, default=8, help="rollout steps per GRPO run")
+    ap.add_argument("--sft-steps", type=int, default=40, help="optimizer steps per SFT run")
+    ap.add_argument("--grpo-steps", type=int, default=16, help="rollout steps per GRPO run")
     ap.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the medians")
     ap.add_argument("--rounds", type=int, default=3, help="runs per side, alternating ours/TRL (a shared machine "
                     "slows down for minutes at a time: interleaving lets that hit both sides alike)")
