@@ -408,7 +408,7 @@ def main():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)},
+                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
                                        args.skip_nonfinite)
                 if not bad:
                     optimizer.step()
