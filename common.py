@@ -365,7 +365,7 @@ def load_tokenizer(path, trust_remote_code=False):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not tok.chat_template:
         raise UserError(f"the tokenizer of '{path}' has no chat template; use an instruct model's tokenizer, or set "
-                        "tokenizer.chat_template and save it, or pass --chat-template FILE with a Jinja template")
+                        "tokenizer.chat_template (a Jinja template) and save_pretrained it into a local directory")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation pads on the left; training batches are padded by collate()
