@@ -174,6 +174,7 @@ def main():
         micro = common.split_micro(idx, args.grad_accum)
         mbs = [common.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
                               tokenizer.pad_token_id, d.device) for mb in micro]
+        tokens_seen += sum(len(train[i]["prompt_ids"]) + len(train[i]["response_ids"]) for i in idx)  # host-side count
         # the normalizer counts the whole step (all micro-batches, all ranks) / world size (DDP averages)
         normalizer = common.all_reduce(sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
 
@@ -187,7 +188,6 @@ def main():
             stats["loss"] += loss.detach()
             stats["nll_sum"] += m["nll_sum"]
             stats["tokens"] += m["tokens"]
-            tokens_seen += int(b["attention_mask"].sum())
 
         # 5. optimizer step (a NaN/inf loss or grad norm stops the run or skips the step)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
