@@ -680,6 +680,17 @@ def evaluate(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None):
+    """The held-out metrics every method logs: greedy accuracy, and with --eval-samples k > 0 also mean@k, the mean
+    reward of k samples per prompt at --eval-temperature (the papers' avg@k: DFT avg@16 at T=1, DAPO avg@32). The
+    sampling seeds are the same at every evaluation, so two evaluations of one run are paired."""
+    out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine)}
+    if args.eval_samples > 0:
+        out["eval/sampled_accuracy"] = evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens,
+                                                k=args.eval_samples, temperature=args.eval_temperature, engine=engine)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: written to <dir>.tmp then renamed (atomic); a partial or corrupt checkpoint is skipped on resume.
 # ----------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class Args:
     max_new_tokens: int = 10240  # completion length (Trinity mix_chord.yaml max_response_tokens)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
     eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
+    eval_samples: int = 0  # also log mean@k: k samples per held-out prompt at --eval-temperature (DFT avg@16, DAPO avg@32); 0: greedy only
+    eval_temperature: float = 1.0  # sampling temperature of the mean@k evaluation (DFT, DAPO: 1.0)
     reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -145,12 +147,13 @@ VARIANTS = {  # Trinity examples/mix_chord/mix_chord.yaml comments; the paper as
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, lr 1e-4 over 100 steps (measured:
-    # held-out 0.395 -> 0.43 at step 75 and the 10-step mean reward 0.20 -> 0.36; 16 prompts at 1e-4 fell to 0.26,
-    # 16 prompts at 5e-5 x 60 steps moved it +0.03 at most)
-    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=1e-4, max_steps=100, prompts_per_step=32,
-                     eval_every=25,
-                     mu_decay_steps=100),  # CHORD demo setting: the mu variant decays within the 100-step run (paper 200)
+    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
+    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.395 -> 0.469, mean@4 0.326 -> 0.392 at step 150, 0.52
+    # and 0.44 at 200; at T 1.0 the tiny model's sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4
+    # was noisier: 0.42 at step 150, and 2e-4 fell to 0.31)
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
+                     prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
+                     mu_decay_steps=150),  # CHORD demo setting: the mu variant decays within the 150-step run (paper 200)
     # --- paper recipes (GPU cluster; check with --dry-run): CHORD (arXiv 2508.11408), math setting, Trinity-RFT
     # examples/mix_chord (mix_chord.yaml, get_openr1_data.py); spec methods_b.md §2 ---
     "paper": dict(
@@ -319,9 +322,9 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):
-        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens, engine=engine)
-        log.log(step, {"eval/accuracy": acc})
-        return acc
+        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        log.log(step, accs)
+        return accs["eval/accuracy"]
 
     if start == 0:
         run_eval(0)

@@ -60,6 +60,8 @@ class Args:
     num_demos: Optional[int] = None  # use only the first N demonstrations (all by default)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
     eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
+    eval_samples: int = 0  # also log mean@k: k samples per held-out prompt at --eval-temperature (DFT avg@16, DAPO avg@32); 0: greedy only
+    eval_temperature: float = 1.0  # sampling temperature of the mean@k evaluation (DFT, DAPO: 1.0)
     reward: Literal["auto", "exact", "math"] = "auto"  # eval scorer: exact (embedded) or math-verify; auto picks
     max_new_tokens: int = 64  # evaluation generation length
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -102,7 +104,8 @@ RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # sft.py's steps and batch, from the SFT warm start at dft.py's lr: OTR's expected gradient weights the ground
     # truth by pi'(y_t) (at kappa = 1 it is DFT's), so like DFT it needs a prior (see dft.py)
-    "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40),
+    "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40,
+                     eval_samples=4, eval_temperature=0.7),  # held-out mean@4 at T 0.7 beside greedy, as the rollout files
     # --- paper recipes (GPU cluster; check with --dry-run): OTR (arXiv 2509.26313) has no official code, and its
     # training setting was not found beyond "OTR and SFT were trained using identical settings" (reviewer 4): every
     # optimizer value below is marked UNKNOWN and is the DFT paper's SFT setting (sft.py --recipe paper) ---
@@ -214,9 +217,9 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):
-        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens)
-        log.log(step, {"eval/accuracy": acc})
-        return acc
+        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args)
+        log.log(step, accs)
+        return accs["eval/accuracy"]
 
     if start == 0:
         run_eval(0)

@@ -47,6 +47,8 @@ class Args:
     num_demos: Optional[int] = None  # use only the first N demonstrations (all by default)
     eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
     eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
+    eval_samples: int = 0  # also log mean@k: k samples per held-out prompt at --eval-temperature (DFT avg@16, DAPO avg@32); 0: greedy only
+    eval_temperature: float = 1.0  # sampling temperature of the mean@k evaluation (DFT, DAPO: 1.0)
     reward: Literal["auto", "exact", "math"] = "auto"  # eval scorer: exact (embedded) or math-verify; auto picks
     max_new_tokens: int = 64  # evaluation generation length
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
@@ -83,7 +85,8 @@ class Args:
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # tiny model from random init, 2-core CPU: a much larger lr and a small batch make it learn in ~2 minutes
-    "embedded": dict(max_length=128, batch_size=64, lr=3e-3, max_steps=400, eval_every=50, max_new_tokens=40),
+    "embedded": dict(max_length=128, batch_size=64, lr=3e-3, max_steps=400, eval_every=50, max_new_tokens=40,
+                     eval_samples=4, eval_temperature=0.7),  # held-out mean@4 at T 0.7 beside greedy, as the rollout files
     # --- paper recipes (GPU cluster; check with --dry-run): the DFT paper's SFT baseline (arXiv 2508.05629 §4.1.1,
     # yongliang-wu/DFT verl/train_dft.sh); spec methods_a.md §1-2 ---
     "paper": dict(
@@ -161,9 +164,9 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):
-        acc = common.evaluate(model, tokenizer, evalset, reward_fn, d, args.max_new_tokens)
-        log.log(step, {"eval/accuracy": acc})
-        return acc
+        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args)
+        log.log(step, accs)
+        return accs["eval/accuracy"]
 
     if start == 0:
         run_eval(0)

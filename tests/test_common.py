@@ -241,3 +241,28 @@ def test_cached_import_time():
     import importlib
     importlib.reload(common)
     assert time.time() - t < 3
+
+
+def test_eval_metrics_greedy_and_mean_at_k():
+    """--eval-samples 0 logs greedy accuracy only; k > 0 adds mean@k at --eval-temperature, with fixed sampling seeds
+    (two evaluations of one model give the same number), equal to the mean reward of k samples per prompt."""
+    path = common.resolve_model("embedded:warm")
+    tok, model = common.load_tokenizer(path), common.load_model(path).eval()
+    ex = common.tokenize_examples(tok, common.embedded_task("eval")[:24], 512, None, False)
+    d = common.Dist()
+
+    @dataclass
+    class A:
+        max_new_tokens: int = 40
+        eval_samples: int = 0
+        eval_temperature: float = 0.7
+
+    greedy = common.evaluate(model, tok, ex, common.exact_reward, d, 40)
+    assert common.eval_metrics(model, tok, ex, common.exact_reward, d, A()) == {"eval/accuracy": greedy}
+    m = common.eval_metrics(model, tok, ex, common.exact_reward, d, A(eval_samples=3))
+    comps, _, _ = common.generate(model, tok, [e["prompt_ids"] for e in ex], 3, 40, 0.7, 1.0, seed=0)
+    texts = tok.batch_decode(comps, skip_special_tokens=True)
+    expected = sum(common.exact_reward(t, ex[j // 3]) for j, t in enumerate(texts)) / len(texts)
+    assert m["eval/accuracy"] == greedy and m["eval/sampled_accuracy"] == pytest.approx(expected)
+    assert m == common.eval_metrics(model, tok, ex, common.exact_reward, d, A(eval_samples=3))
+    assert 0 < expected < 1 and expected != greedy
