@@ -143,6 +143,11 @@ def cleanup_distributed():
     """Destroy the process group. Call after deleting the model and optimizer (ENVIRONMENT.md: avoids SIGABRT)."""
     if dist.is_initialized():
         dist.barrier()
+    if "vllm" in sys.modules:  # a colocated engine's groups first (its exit hook would find them destroyed by us)
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        destroy_model_parallel()
+        destroy_distributed_environment()  # also destroys the default group
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -598,8 +603,10 @@ class VLLMEngine:
         from vllm import LLM
         kw = {} if not torch.cuda.is_available() else {"gpu_memory_utilization": gpu_memory_utilization}
         self.dtype = getattr(torch, dtype)
+        # processed_logprobs: the log-probs of the distribution sampled from (logits / temperature), the trainer's
+        # old log-probs (the default, raw_logprobs, ignores the temperature: a gap of 0.025 per token at T 0.7)
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
-                       **kw)
+                       logprobs_mode="processed_logprobs", **kw)
 
     def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
         from vllm import SamplingParams
