@@ -73,7 +73,7 @@ def parse():
 def our_argv(kind, a, seed):
     model = a.model or ("embedded" if kind == "sft" else "embedded:warm")
     argv = ["--model", model, "--recipe", "embedded", "--eval-size", str(a.eval_size), "--eval-every", "0",
-            "--save-every", "0", "--quiet", "--seed", str(seed)]
+            "--eval-samples", "0", "--save-every", "0", "--quiet", "--seed", str(seed)]
     if kind == "sft":
         return argv + ["--max-steps", str(a.sft_steps)]
     return argv + ["--max-steps", str(a.grpo_steps), "--loss-agg", a.loss_type]
