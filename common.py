@@ -165,7 +165,8 @@ def reduce_metrics(metrics, device):
     keys = sorted(metrics)
     if not keys:
         return {}
-    vals = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).reshape(()).to(device) for k in keys])
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in metrics.items()}  # FSDP2's grad norm
+    vals = torch.stack([torch.as_tensor(full[k], dtype=torch.float64).reshape(()).to(device) for k in keys])
     all_reduce(vals, "mean")
     return dict(zip(keys, vals.tolist()))
 
@@ -181,7 +182,11 @@ def wrap_model(model, d, fsdp=False):
         mesh = init_device_mesh(d.device.type, (d.world_size,))
         for layer in _decoder_layers(model):
             fully_shard(layer, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
+        root = fully_shard(model, mesh=mesh)
+        # settle the FSDP root now: `generate` calls the decoder layers directly, and a layer initialised before the
+        # root makes the first training forward fail ("FSDP requires running forward through the root module first")
+        root._get_fsdp_state()._lazy_init()
+        return root
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
@@ -561,7 +566,8 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0,
     lm.eval()
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
         do_sample=False, temperature=None, top_p=None, top_k=None)
-    with full_params(model):
+    # inference mode: ~6% less CPU than no_grad (measured); not under FSDP2, whose buffers must stay normal tensors
+    with full_params(model), torch.inference_mode(not hasattr(model, "unshard")):
         ids, attn, n, cache = _shared_prefill(lm, ids.to(dev), attn.to(dev), n)
         out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, num_return_sequences=n,
                           eos_token_id=eos, pad_token_id=pad, use_cache=True, **cache, **kw)
