@@ -34,8 +34,8 @@ Official code checked against: modelscope/Trinity-RFT trinity/algorithm/policy_l
 sample_strategy/mix_sample_strategy.py, examples/mix_chord/mix_chord.yaml; ms-swift GRPOTrainer._compute_chord_loss.
 Deviations: both token means are global over the step (Trinity: per micro-batch, rescaled by configured sizes);
 the PPO branch keeps grpo.py's --loss-agg (default token mean, CHORD's); expert demonstrations longer than
---max-prompt-length + --max-new-tokens are dropped. The embedded recipe shortens the CHORD-mu decay to 100 steps
-(a demo setting: the paper's 200 is longer than the 100-step demo run).
+--max-prompt-length + --max-new-tokens are dropped. The embedded recipe shortens the CHORD-mu decay to 150 steps
+(a demo setting: the paper's 200 is longer than the 150-step demo run).
 
 Run:
     python methods/chord.py                         # CHORD-phi from a weak SFT warm start of the embedded model (CPU)

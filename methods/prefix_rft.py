@@ -44,7 +44,7 @@ Choices and deviations (each where the sources are silent or the official code d
   |y*| counts the demonstration's text tokens (without the EOS that tokenize_examples appends), as the official
   `tokenizer(text)`, so at least one demonstration token and the EOS are left to the policy.
 - --min-prefix-len (official `min_prefix_len`) and the cosine horizon are missing from the shipped configs: defaults
-  1 and --max-steps. The paper's horizon is unknown in the sources; the embedded recipe decays over its 100 steps
+  1 and --max-steps. The paper's horizon is unknown in the sources; the embedded recipe decays over its 150 steps
   (a demo setting).
 - Dr. GRPO aggregation is the paper's form (token sum / constant max length, mean over sequences); the official
   `dr_grpo` mode divides the sum over the micro-batch by a configured max token count (no mean over sequences), a
