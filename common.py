@@ -523,14 +523,6 @@ def batch_indices(n, batch_size, k, seed, rank=0, world_size=1):
     return order[j * batch_size:(j + 1) * batch_size][rank::world_size]
 
 
-def batches(n, batch_size, seed, rank=0, world_size=1, start=0):
-    """Endless stream of batch_indices(k) for k = start, start + 1, ..."""
-    k = start
-    while True:
-        yield batch_indices(n, batch_size, k, seed, rank, world_size)
-        k += 1
-
-
 def split_micro(items, n_micro):
     if len(items) % n_micro:
         raise UserError(f"{len(items)} samples per rank cannot be split into {n_micro} micro-batches; make the "

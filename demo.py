@@ -137,16 +137,17 @@ def main():
     # 1. the shared starting points (methods/sft.py runs, cached under .cache/embedded) and every method, --jobs at
     # a time: the longest first, each run once the starting point it needs is built
     stages = ["embedded:teacher"] * ("kdrl" in names) + ["embedded:warm"] * any(n != "sft" for n in names)
-    order = sorted(names, key=lambda n: (RUNS[n][0] in TEACHER_FORCING) - (n == "sft"))
+    short = [n for n in names if n != "sft" and RUNS[n][0] in TEACHER_FORCING]  # the 400-step warm-start runs
+    order = [n for n in names if n not in short] + short
+    needs = {n: [] if n == "sft" else ["embedded:warm"] + ["embedded:teacher"] * (n == "kdrl") for n in names}
     with ThreadPoolExecutor(a.jobs) as pool:
-        built = {s: pool.submit(build, s, threads) for s in stages}
+        built = {s: pool.submit(build, s, threads) for s in stages}  # submitted first, so never waited on unstarted
 
-        def after(deps, name):
-            for s in deps:
+        def start_after_needs(name):
+            for s in needs[name]:
                 built[s].result()
             return run(name, out, threads)
-        futures = {n: pool.submit(after, [s for s in stages if n != "sft" and (s != "embedded:teacher" or n == "kdrl")],
-                                  n) for n in order}
+        futures = {n: pool.submit(start_after_needs, n) for n in order}
         results = {n: futures[n].result() for n in names}
     # 2. the table and the curves
     table, curves, rows = summarize(results)

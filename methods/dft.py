@@ -102,8 +102,9 @@ RECIPES = {
     # sft.py's steps and batch, from the SFT warm start at a lower lr: DFT weights each token by its p, so from
     # random init (p ~ 1/83) it locks onto the easy tokens and drops the digits (train/nll 4.5 -> 8 at lr 3e-3,
     # 3.1 -> 5.7 at 1e-3, accuracy 0), and at lr 1e-3 even the warm start drifts (39% -> 7% at step 50)
+    # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
     "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40,
-                     eval_samples=4, eval_temperature=0.7),  # held-out mean@4 at T 0.7 beside greedy, as the rollout files
+                     eval_samples=4, eval_temperature=0.7),
     # --- paper recipes (GPU cluster; check with --dry-run): DFT (arXiv 2508.05629 §4.1.1, trained as the SFT baseline:
     # yongliang-wu/DFT verl/train_dft.sh); spec methods_a.md §1-2 ---
     "paper": dict(

@@ -104,8 +104,9 @@ RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # sft.py's steps and batch, from the SFT warm start at dft.py's lr: OTR's expected gradient weights the ground
     # truth by pi'(y_t) (at kappa = 1 it is DFT's), so like DFT it needs a prior (see dft.py)
+    # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
     "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40,
-                     eval_samples=4, eval_temperature=0.7),  # held-out mean@4 at T 0.7 beside greedy, as the rollout files
+                     eval_samples=4, eval_temperature=0.7),
     # --- paper recipes (GPU cluster; check with --dry-run): OTR (arXiv 2509.26313) has no official code, and its
     # training setting was not found beyond "OTR and SFT were trained using identical settings" (reviewer 4): every
     # optimizer value below is marked UNKNOWN and is the DFT paper's SFT setting (sft.py --recipe paper) ---
