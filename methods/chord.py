@@ -305,7 +305,7 @@ def main():
     ref = FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code)).eval() if args.beta > 0 else None
     engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
                                    "constant")
     start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)

@@ -309,7 +309,7 @@ def main():
     teacher.requires_grad_(False)  # kdrl: the teacher replaces grpo's reference model
     engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
                                    "constant")
     start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)

@@ -206,7 +206,7 @@ def main():
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     model = common.wrap_model(FusedLM(lm), d, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, "cosine")
     start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
     if ckpt:

@@ -311,12 +311,12 @@ def main():
     ref = FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code)).eval() if args.beta > 0 else None
     engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
                                    "constant")
     # ReLIFT: a separate AdamW with its own moments for the fine-tuning steps (fsdp_worker.py actor_sft_optimizer)
     sft_optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr if args.sft_lr is None else args.sft_lr,
-                                      betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+                                      betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, fused=True)
     buffer, n_sft = HardestBuffer(args.sft_buffer_size), 0
     start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
     if ckpt:

@@ -8,9 +8,9 @@ What is compared (the settings come from our own files: `--recipe embedded` reso
 copied into TRL's config, so both sides always run the same work):
 - SFT: the same model (embedded: random init), tokenizer and chat template, the same demonstrations (embedded sft
   split, given to TRL as a conversational prompt-completion dataset so the prompt is masked and EOS is a target),
-  batch size, max length, AdamW (torch.optim.AdamW on both: TRL's optim="adamw_torch"), betas, weight decay, cosine
-  schedule with the same warmup steps, grad clip, fp32. Reported: non-pad tokens per second of each optimizer
-  step (median after --warmup steps) and the loss trajectory.
+  batch size, max length, AdamW (torch.optim.AdamW(fused=True) on both: TRL's default optim="adamw_torch_fused"),
+  betas, weight decay, cosine schedule with the same warmup steps, grad clip, fp32. Reported: non-pad tokens per
+  second of each optimizer step (median after --warmup steps) and the loss trajectory.
 - GRPO: the same warm start (embedded:warm), prompts (embedded rl split, conversational), G, prompts per step,
   max new tokens, temperature, top_p, top_k = 0, loss type (our --loss-agg = TRL loss_type), reward scaling, clip
   epsilons, beta = 0 (no reference model), one optimizer step per generation, HF generate with a KV cache on both.
@@ -178,7 +178,7 @@ def trl_worker(kind, cfg):
     timer = StepTimer(clock)
     common_cfg = dict(output_dir=str(out / "trainer"), max_steps=a["max_steps"], learning_rate=a["lr"],
                       adam_beta1=a["beta1"], adam_beta2=a["beta2"], weight_decay=a["weight_decay"],
-                      max_grad_norm=a["max_grad_norm"], optim="adamw_torch", use_cpu=True, bf16=False,
+                      max_grad_norm=a["max_grad_norm"], optim="adamw_torch_fused", use_cpu=True, bf16=False,
                       gradient_checkpointing=a["gradient_checkpointing"], gradient_accumulation_steps=a["grad_accum"],
                       logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=a["seed"],
                       dataloader_num_workers=0)

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO
 
 import common
+from kernels.norm import fuse_rmsnorm
 
 
 def dry_run(method, *flags, world=None):
@@ -165,12 +166,14 @@ def test_param_count_is_exact(tiny_dir):
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 def test_activation_estimate_matches_saved_tensors(dtype, autocast):
-    """Bytes autograd keeps for backward in a forward of a small Qwen2, counted with saved_tensors_hooks."""
+    """Bytes autograd keeps for backward in a forward of a small Qwen2 with our RMSNorm (as load_model gives),
+    counted with saved_tensors_hooks."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     cfg = Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).train()
+    assert fuse_rmsnorm(model) == 7
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(0, 300, (2, 96))
 
