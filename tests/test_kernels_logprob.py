@@ -436,6 +436,95 @@ def test_fused_lm_softcapping_fallback():
 
 
 # ----------------------------------------------------------------------------------
+# The padding-free pass (one packed sequence, attention per row) against plain padded passes
+# ----------------------------------------------------------------------------------
+def ragged_batch(B=19, L=23, V=50, seed=3):
+    """Rows of many lengths, right-padded, left-padded and with a prompt of 2-5 tokens; one row fully padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    am = torch.zeros(B, L, dtype=torch.long)
+    lmask = torch.zeros(B, L)
+    for b in range(B - 1):
+        n = int(torch.randint(4, L + 1, (1,), generator=g))
+        lo = 0 if b % 3 else L - n  # every third row left-padded
+        am[b, lo:lo + n] = 1
+        lmask[b, lo + int(torch.randint(2, 4, (1,), generator=g)):lo + n] = 1
+    return ids, am, lmask
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_pass_equals_padded_pass(checkpointing):
+    """FusedLM's padding-free pass (used: the probe says so, and the groups are several) gives the log-probs and
+    gradients of plain full logits on a padded batch, with and without gradient checkpointing."""
+    from kernels import logprob as K
+    ids, am, lmask = ragged_batch()
+    lm_ref = tiny_qwen2(tied=False)
+    lp_r, ent_r = reference(lm_ref, ids, am, lmask, 0.8)
+    (lp_r.sum() + 0.1 * ent_r.sum()).backward()
+    lm = tiny_qwen2(tied=False)
+    if checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    spans = []
+    original = K._packed_attention
+
+    def spy(*args, **kwargs):
+        spans.append(kwargs["spans"])
+        return original(*args, **kwargs)
+    K._packed_attention = spy
+    try:
+        out = FusedLM(lm, chunk_size=16)(ids, am, lmask, temperature=0.8, with_entropy=True)
+    finally:
+        K._packed_attention = original
+    assert lm._postrain_packing_ok is True
+    groups = spans[-1]  # (offset, rows, length) of the last call
+    assert len(groups) > 1 and sum(n for _, n, _ in groups) == 18  # 18 non-empty rows, in several length groups
+    assert sum(n * length for _, n, length in groups) < 18 * 23  # fewer slots than a padded batch
+    assert rel_err(out["logp"], lp_r) < 1e-5 and rel_err(out["entropy"], ent_r) < 1e-5
+    (out["logp"].sum() + 0.1 * out["entropy"].sum()).backward()
+    ref_params = dict(lm_ref.named_parameters())
+    for name, p in lm.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-4, name
+
+
+def test_packing_off_for_sliding_windows_and_eager_attention():
+    """Layers with sliding windows or a non-default attention implementation keep the padded passes."""
+    from kernels.logprob import _packing_ok
+    ids, am, lmask = ragged_batch(B=6, seed=4)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=4, max_window_layers=0)
+    for lm in (transformers.AutoModelForCausalLM.from_config(cfg),
+               transformers.AutoModelForCausalLM.from_config(tiny_qwen2().config, attn_implementation="eager")):
+        assert not _packing_ok(lm)
+        out = FusedLM(lm)(ids, am, lmask)
+        lp_r, _ = reference(lm, ids, am, lmask)
+        assert rel_err(out["logp"], lp_r) < 1e-5
+
+
+def test_length_groups_is_optimal():
+    from kernels.logprob import _length_groups
+    assert _length_groups([8, 8, 2, 2, 2, 2], group_cost=4) == [(0, 2), (2, 6)]  # 16 + 8 + 2 x 4 < 48 + 4
+    assert _length_groups([8, 8, 7, 2], group_cost=100) == [(0, 4)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):  # brute force over every cut of up to 7 sorted lengths
+        lengths = sorted(torch.randint(1, 12, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist(),
+                         reverse=True)
+        cost = float(torch.randint(0, 10, (1,), generator=g))
+
+        def total(runs):
+            return sum((j - i) * lengths[i] + cost for i, j in runs)
+        n, best = len(lengths), float("inf")
+        for mask in range(2 ** (n - 1)):
+            cuts = [0] + [k + 1 for k in range(n - 1) if mask >> k & 1] + [n]
+            best = min(best, total(list(zip(cuts, cuts[1:]))))
+        runs = _length_groups(lengths, cost)
+        assert runs[0][0] == 0 and runs[-1][1] == n and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert total(runs) == best
+
+
+# ----------------------------------------------------------------------------------
 # DDP and FSDP2 (2 processes, gloo): gradients equal a single full-batch process
 # ----------------------------------------------------------------------------------
 def _free_port():
