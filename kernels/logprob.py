@@ -953,10 +953,12 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if attention_mask is not None or query.shape[0] != 1:
         raise RuntimeError("a packed pass got an attention mask or more than one row")
     H, D = query.shape[1], query.shape[-1]
+    sizes = [n * length for _, n, length in spans]
+    # split, not one slice per group: the backward of split is one cat, that of each slice a zero-filled full copy
+    parts = zip(*(t.squeeze(0).split(sizes, dim=1) for t in (query, key, value)))
     outs = []
-    for off, n, length in spans:
-        q, k, v = (t[0, :, off:off + n * length].unflatten(1, (n, length)).transpose(0, 1)
-                   for t in (query, key, value))  # (n, heads, length, D) views
+    for (_, n, length), qkv in zip(spans, parts):
+        q, k, v = (t.unflatten(1, (n, length)).transpose(0, 1) for t in qkv)  # (n, heads, length, D) views
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                              scale=scaling, enable_gqa=k.shape[1] != H)
         outs.append(o.transpose(1, 2).reshape(n * length, H, D))
