@@ -503,6 +503,30 @@ def test_packing_off_for_sliding_windows_and_eager_attention():
         assert rel_err(out["logp"], lp_r) < 1e-5
 
 
+@pytest.mark.parametrize("broken", ["no_causal", "no_context"])
+def test_packing_probe_catches_a_wrong_packed_attention(broken):
+    """The one-time probe compares the packed passes with a plain one: a packed attention that is wrong (not causal;
+    or ignoring the shared context) turns packing off for the model, and FusedLM stays exact."""
+    from kernels import logprob as K
+    original = K._packed_attention
+
+    def wrong(module, query, key, value, attention_mask, dropout=0.0, scaling=None, spans=(), context=None, **kw):
+        if broken == "no_causal":  # every token sees the whole packed sequence
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, scale=scaling, enable_gqa=True).transpose(1, 2), None
+        return original(module, query, key, value, attention_mask, dropout, scaling, spans, None, **kw)
+    K._packed_attention = wrong
+    try:
+        lm = tiny_qwen2()
+        assert not K._packing_ok(lm) and lm._postrain_packing_ok is False
+        ids, am, lmask = ragged_batch(B=6, seed=5)
+        out = FusedLM(lm)(ids, am, lmask)
+    finally:
+        K._packed_attention = original
+    lp_r, _ = reference(lm, ids, am, lmask)
+    assert rel_err(out["logp"], lp_r) < 1e-5
+
+
 def test_length_groups_is_optimal():
     from kernels.logprob import _length_groups
     assert _length_groups([8, 8, 2, 2, 2, 2], group_cost=4) == [(0, 2), (2, 6)]  # 16 + 8 + 2 x 4 < 48 + 4
