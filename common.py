@@ -398,7 +398,9 @@ def load_model(path, dtype="float32", trust_remote_code=False, gradient_checkpoi
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     fuse_rmsnorm(model)  # kernels/norm.py: the same RMSNorm with a hand-written backward (issue 11)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # activation_checkpointing_enable: the name since transformers 5.2x (the old one warns); same arguments
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device)
 
