@@ -118,9 +118,10 @@ PRESETS = {
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
-    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.289 -> 0.359, mean@4 0.222 -> 0.284; from a stronger
-    # warm start, 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's sampling tail kept the reward
-    # at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4 fell to 0.31)
+    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.188 -> 0.207, mean@4 0.140 -> 0.177; from stronger
+    # warm starts, 0.289 -> 0.359, and 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's
+    # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
+    # fell to 0.31)
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7),
     # --- paper recipes (GPU cluster; check with --dry-run); spec methods_a.md §3 ---
