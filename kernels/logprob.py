@@ -1045,7 +1045,7 @@ def _packed_hidden(lm, decoder, input_ids, am, pos, need, context=None):
         off += n * length
     slot = base.to(dev)[:, None] + keep.long().cumsum(1) - 1  # (B, L) slot of each kept token
     where = slot[keep]
-    ids = input_ids.new_full((off,), int(input_ids[keep][0]))  # filler: any valid token (it is never attended to)
+    ids = input_ids.new_zeros(off)  # filler slots: token 0 (never attended to by a real token)
     ids[where] = input_ids[keep]
     p = pos.new_zeros(off)
     p[where] = pos[keep]
@@ -1079,9 +1079,7 @@ def _packing_ok(lm):
     the packed pass gives a plain padded pass's hidden states on a small batch with left and right padding."""
     decoder = lm.get_decoder()
     cfg = decoder.config
-    dropout = lm.training and (getattr(cfg, "attention_dropout", 0) or any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules()))
-    if cfg._attn_implementation != "sdpa" or dropout or any(
+    if cfg._attn_implementation != "sdpa" or _dropout_active(lm, cfg) or any(
             t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"])):
         return False
     ok = getattr(lm, "_postrain_packing_ok", None)
@@ -1128,6 +1126,12 @@ def _probe_packing(lm, decoder, shared):
     return bool(((packed[inputs].float() - plain[inputs].float()).abs().max() / scale) < 1e-3)
 
 
+def _dropout_active(lm, cfg):
+    """Whether a training forward of `lm` draws dropout masks (attention dropout or any active nn.Dropout)."""
+    return lm.training and bool(getattr(cfg, "attention_dropout", 0) or any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules()))
+
+
 def _multi_pass_ok(lm):
     """Whether `_decoder_hidden` may run the body more than once per forward: False under FSDP2 (each pass would
     gather every layer again) and gradient checkpointing; "no_cache" (groups but no shared contexts) when the
@@ -1138,9 +1142,7 @@ def _multi_pass_ok(lm):
     if checkpointing or any(hasattr(m, "unshard") for m in lm.modules()):
         return False
     cfg = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
-    dropout = lm.training and (getattr(cfg, "attention_dropout", 0) or any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules()))
-    if dropout or getattr(lm.config, "is_encoder_decoder", False) or not getattr(
+    if _dropout_active(lm, cfg) or getattr(lm.config, "is_encoder_decoder", False) or not getattr(
             lm, "_supports_default_dynamic_cache", lambda: False)():
         return "no_cache"
     from transformers import DynamicCache
