@@ -59,6 +59,14 @@ def _field_comments(cls):
     return comments
 
 
+def _or_none(tp):
+    """argparse type for an Optional[tp] flag: `--dual-clip none` switches it off."""
+    def convert(text):
+        return None if text.strip().lower() == "none" else tp(text)
+    convert.__name__ = tp.__name__  # argparse names the type in its error message
+    return convert
+
+
 def parse_args(cls, argv=None, presets=None):
     """Parse command-line flags into the dataclass `cls`.
 
@@ -74,7 +82,8 @@ def parse_args(cls, argv=None, presets=None):
     for f in dataclasses.fields(cls):
         tp, kw = hints[f.name], {}
         origin, targs = typing.get_origin(tp), typing.get_args(tp)
-        if origin is typing.Union:  # Optional[X]
+        optional = origin is typing.Union  # Optional[X]: the word "none" on the command line gives None
+        if optional:
             tp = next(a for a in targs if a is not type(None))
             origin, targs = typing.get_origin(tp), typing.get_args(tp)
         if origin is typing.Literal:
@@ -82,7 +91,7 @@ def parse_args(cls, argv=None, presets=None):
         elif tp is bool:
             kw.update(action=argparse.BooleanOptionalAction)
         else:
-            kw.update(type=tp)
+            kw.update(type=_or_none(tp) if optional else tp)
         if presets and f.name in presets and "choices" not in kw:
             kw["choices"] = [c for c in presets[f.name] if c != "auto"] + (["auto"] if "auto" in presets[f.name] else [])
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,

@@ -32,11 +32,12 @@ __all__ = [
     "kl_estimate",
     "aggregate",
     "normalizer_count",
+    "reward_moments",
     "masked_mean",
     "AGGREGATION_MODES",
 ]
 
-AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_sum")
+AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_sum", "micro_token_mean")
 
 
 # ----------------------------------------------------------------------------------
@@ -78,12 +79,20 @@ def group_reward_std(rewards: torch.Tensor, group_index: torch.Tensor, num_group
     return _group_stats(rewards, group_index, num_groups)[1]
 
 
+def reward_moments(rewards: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of `rewards` as a (3,) float64 tensor: all-reduce (sum) it over ranks and pass
+    it as `group_advantages(..., batch_moments=...)` to scale by the std of the whole batch of every rank."""
+    r = rewards.double()
+    return torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device), r.sum(), (r * r).sum()])
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_index: torch.Tensor,
     scale: str = "group",
     eps: float = 1e-6,
     num_groups: int | None = None,
+    batch_moments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages, (N,) float32.
 
@@ -95,6 +104,8 @@ def group_advantages(
     Groups may have different sizes.  A singleton group gets advantage 0 (its reward
     equals its mean); verl / Trinity instead return r / (1 + eps) for singletons, TRL's
     zero-std groups give 0 as here.  `num_groups` as in `group_reward_std`.
+    scale="batch": std_batch is taken over `rewards`, or, when `batch_moments` is given, over the batch those
+    moments describe (`reward_moments` all-reduced over ranks: TRL gathers every process's rewards).
     """
     centred, std_group = _group_stats(rewards, group_index, num_groups)
     if scale == "none":
@@ -102,9 +113,9 @@ def group_advantages(
     if scale == "group":
         std = std_group
     elif scale == "batch":
-        r = rewards.float()
-        n = r.shape[0]
-        std = ((r - r.mean()) ** 2).sum().div(max(n - 1, 1)).sqrt()  # 0 for a single sample
+        n, s1, s2 = (reward_moments(rewards) if batch_moments is None else batch_moments.double()).unbind()
+        var = (s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)  # unbiased; 0 for a single sample
+        std = var.clamp(min=0).sqrt().float()
     else:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     # std == 0 means every centred value of that group is exactly 0: keep 0 even if eps == 0
@@ -230,6 +241,10 @@ def aggregate(
       seq_mean_token_sum_norm  sum_i [sum_t v m / max_len] / normalizer      (sequences; Dr. GRPO,
                                max_len a constant, required)
       seq_sum                  sum_{i,t} v m / normalizer               (sequences)
+      micro_token_mean         [sum_{i,t} v m / max(sum m, 1)] / normalizer  (micro-batches: a LOCAL token mean
+                               per micro-batch, then / grad_accum; the pre-Oct-2024 transformers behaviour and the
+                               official DFT code. It weights a token by the inverse size of its micro-batch, so the
+                               gradient depends on how the step is split; kept to reproduce old runs)
 
     All-masked sequences add 0 to the numerator; they are counted in the normalizer
     because the caller counts rows (TRL counts them too, verl's seq-mean excludes them).
@@ -243,21 +258,29 @@ def aggregate(
         total = v.sum()
     elif mode == "seq_mean_token_mean":
         total = (v.sum(-1) / m.sum(-1).clamp(min=1)).sum()
+    elif mode == "micro_token_mean":
+        total = v.sum() / m.sum().clamp(min=1)
     elif mode == "seq_mean_token_sum_norm":
         if max_len is None:
             raise ValueError("mode 'seq_mean_token_sum_norm' needs max_len (a constant, e.g. the max response length)")
         total = v.sum() / float(max_len)
     else:
         raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}")
-    return total / normalizer
+    # a step that counts no token at all (e.g. --mask-truncated with every completion truncated) has total 0: it
+    # gives 0, not 0 / 0 = nan; any normalizer > 0 is used as it is
+    z = torch.as_tensor(normalizer, dtype=torch.float32, device=total.device)
+    return total / z.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def normalizer_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
     """LOCAL count of this micro-batch for `aggregate`'s normalizer, 0-dim float32:
-    masked tokens for "token_mean", rows (sequences, including all-masked ones)
-    otherwise.  Sum over micro-batches, all-reduce over ranks, divide by world size."""
+    masked tokens for "token_mean", 1 (the micro-batch itself) for "micro_token_mean",
+    rows (sequences, including all-masked ones) otherwise.  Sum over micro-batches,
+    all-reduce over ranks, divide by world size."""
     if mode == "token_mean":
         return mask.float().sum()
+    if mode == "micro_token_mean":
+        return torch.ones((), device=mask.device)
     if mode in AGGREGATION_MODES:
         return torch.tensor(float(mask.shape[0]), device=mask.device)
     raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}")

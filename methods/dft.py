@@ -10,7 +10,7 @@ vocabulary at every response position (zhuchichi56/ASFT train_v2.py, mode="asft"
 Aggregation (--loss-agg, as sft.py): token_mean (default) divides the token sum by the tokens of the WHOLE optimizer
 step, as TRL (loss_type="dft": sum / num_items_in_batch); the paper's Eq. 9 is a sequence SUM (--loss-agg seq_sum);
 the official code (yongliang-wu/DFT verl/verl/trainer/fsdp_dft_trainer.py) divides each micro-batch by its own
-token count, then by n_micro (--loss-agg micro_token_mean, which depends on how the batch is split); ASFT's code
+token count, then by the number of micro-batches (--loss-agg micro_token_mean, which depends on how the batch is split); ASFT's code
 divides by the tokens of its batch (token_mean). These differ by per-token weights across sequences and a constant.
 
 Differs from sft.py by:
@@ -140,19 +140,17 @@ RECIPES = {
 }
 
 
-def dft_loss(logp, mask, normalizer, loss_agg="token_mean", n_micro=1, kl=None, kl_weight=0.0):
+def dft_loss(logp, mask, normalizer, *, loss_agg="token_mean", kl=None, kl_weight=0.0):
     """logp (B,T): log pi_theta of the target tokens; mask (B,T): 1 on response tokens (EOS included).
     kl (B,T): KL(pi_ref || pi_theta) over the vocabulary at each position (ASFT; used when kl_weight > 0).
-    normalizer: tokens (token_mean) or sequences (seq_*) in the whole optimizer step over all ranks, divided by
-    the world size (DDP averages gradients). Returns (loss, metrics)."""
+    normalizer: `normalizer_count(mask, loss_agg)` summed over the whole optimizer step (all micro-batches, all
+    ranks), divided by the world size (DDP averages gradients): tokens (token_mean), sequences (seq_*), micro-batches
+    (micro_token_mean). Returns (loss, metrics)."""
     nll = -logp  # (B, T) per-token cross-entropy
     per_tok = logp.detach().exp() * nll  # (B, T) DFT Eq. 9: -sg(p) log p
     if kl_weight > 0:  # ASFT: anchor to the initial model
         per_tok = per_tok + kl_weight * kl  # (B, T)
-    if loss_agg == "micro_token_mean":  # official DFT code: local mean per micro-batch, then / n_micro
-        loss = (per_tok * mask).sum() / mask.sum().clamp(min=1) / n_micro
-    else:
-        loss = aggregate(per_tok, mask, loss_agg, normalizer)
+    loss = aggregate(per_tok, mask, loss_agg, normalizer)
     metrics = {"nll_sum": (nll.detach() * mask).sum(), "tokens": mask.sum()}
     metrics["kl_sum"] = (kl.detach() * mask).sum() if kl_weight > 0 else torch.zeros_like(metrics["tokens"])
     return loss, metrics
@@ -232,9 +230,8 @@ def main():
         mbs = [common.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
                               tokenizer.pad_token_id, d.device) for mb in micro]
         tokens_seen += sum(len(train[i]["prompt_ids"]) + len(train[i]["response_ids"]) for i in idx)  # host-side count
-        z_mode = "token_mean" if args.loss_agg == "micro_token_mean" else args.loss_agg  # micro: unused
         # the normalizer counts the whole step (all micro-batches, all ranks) / world size (DDP averages)
-        normalizer = common.all_reduce(sum(normalizer_count(b["loss_mask"], z_mode) for b in mbs)) / d.world_size
+        normalizer = common.all_reduce(sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
 
         # 4. loss and backward, one micro-batch at a time
         stats = {"nll_sum": 0.0, "tokens": 0.0, "loss": 0.0, "kl_sum": 0.0}
@@ -242,8 +239,8 @@ def main():
             with common.no_sync(model, k == len(mbs) - 1), autocast:
                 head = asft_head(ref, b) if ref is not None else None  # asft: adds the KL to the fused head
                 o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], head=head)  # logp, kl (B, L)
-                loss, m = dft_loss(o["logp"], b["loss_mask"], normalizer, args.loss_agg, len(mbs), o.get("kl"),
-                                   args.kl_weight)
+                loss, m = dft_loss(o["logp"], b["loss_mask"], normalizer, loss_agg=args.loss_agg, kl=o.get("kl"),
+                                   kl_weight=args.kl_weight)
                 loss.backward()
             stats["loss"] += loss.detach()
             stats["nll_sum"] += m["nll_sum"]

@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
+                               reward_moments)  # noqa: E402
 from kernels.logprob import FusedLM  # noqa: E402
 
 
@@ -81,9 +82,10 @@ class Args:
     eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
+    log_ratio_clamp: Optional[float] = 20.0  # |log pi/pi_old| cap before exp (verl core_algos 20; TRL: none)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
-    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # seq-mean-token-mean | global token mean | sum / L_max (TRL default dapo)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"  # TRL default (DAPO's); GRPO paper: seq_mean_token_mean; Dr. GRPO: seq_mean_token_sum_norm
     mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
     max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
@@ -110,9 +112,9 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
-    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
 }
 RECIPES = {
@@ -196,22 +198,23 @@ RECIPES = {
         gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
     ),
 }
-AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
 
-def grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=None, entropy=None, eps_low=0.2, eps_high=0.2,
-              dual_clip=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="dapo", max_len=None):
-    """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,).
-    normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer step over all ranks / world size.
-    Returns (loss, metrics)."""
-    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, entropy=None, eps_low=0.2,
+              eps_high=0.2, dual_clip=None, log_ratio_clamp=20.0, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
+              loss_agg="token_mean", max_len=None):
+    """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,) or (B, T).
+    normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step, all ranks, / world size (tokens for
+    token_mean, sequences otherwise); max_len: the constant L_max of seq_mean_token_sum_norm. Returns (loss, metrics)."""
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, log_ratio_clamp,
+                                     mask=mask)  # (B, T)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
         per_tok = per_tok + beta * kl
         metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-    if entropy_coef:  # bonus: maximise entropy
+    if entropy_coef:  # bonus: maximise entropy (aggregated like the policy term, as verl's agg_loss)
         per_tok = per_tok - entropy_coef * entropy
-    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    loss = aggregate(per_tok, mask, loss_agg, normalizer, max_len)
     return loss, metrics
 
 
@@ -255,6 +258,9 @@ def main():
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
     if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
         raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
+        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
+                               "(DeepSeekMath: 0.04)")
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
@@ -314,11 +320,8 @@ def main():
         # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         group_index = torch.arange(len(samples)) // G
-        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
-                               args.adv_eps)
-        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
-            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
-            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
+        adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
         full = common.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
@@ -340,15 +343,17 @@ def main():
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
                 mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
-                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                    sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
                 for k, b in enumerate(mbs):
                     with common.no_sync(model, k == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = grpo_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                            b.get("ref_logp"), o["entropy"], args.eps_low, args.eps_high,
-                                            args.dual_clip, args.beta, args.kl_estimator, args.entropy_coef,
-                                            args.loss_agg, args.max_new_tokens)
+                                            ref_logp=b.get("ref_logp"), entropy=o["entropy"], eps_low=args.eps_low,
+                                            eps_high=args.eps_high, dual_clip=args.dual_clip,
+                                            log_ratio_clamp=args.log_ratio_clamp, beta=args.beta,
+                                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
+                                            loss_agg=args.loss_agg, max_len=args.max_new_tokens)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():

@@ -10,7 +10,7 @@ m_it is the KD mask (§3.4, reward-guided KD): 1 everywhere (--kd-mask none), on
 "KDRL-masking"), or only in groups with no correct response (group). A response counts as correct when its reward
 (after any overlong shaping) is > 0.
 
-Why k2 (--kd-estimator): the tokens are sampled from the student and the gradient flows only through
+Why k2 (--kl-estimator): the tokens are sampled from the student and the gradient flows only through
 log pi_theta(a) of the sampled a (samples fixed), so the expected gradient of a per-token loss f is
 E_{a~pi}[f'(.) grad log pi(a)] = sum_a f'(.) grad pi(a). With x(a) = log pi(a) - log pi_T(a):
     k1 = x                           -> sum_a grad pi(a) = 0: only noise
@@ -47,7 +47,7 @@ mean over the step). Deliberate choices:
 
 Run:
     python methods/kdrl.py                          # embedded:warm student, embedded:teacher teacher (CPU)
-    python methods/kdrl.py --kd-mask response --kd-estimator k3
+    python methods/kdrl.py --kd-mask response --kl-estimator k3
     torchrun --nproc_per_node 8 methods/kdrl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B \
         --teacher Skywork/Skywork-OR1-Math-7B --dataset DigitalLearningGmbH/MATH-lighteval --prompt-column problem \
         --answer-column solution --reward math --max-new-tokens 8192 --generator vllm --bf16
@@ -61,7 +61,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
+                               reward_moments)  # noqa: E402
 from kernels.logprob import FusedLM  # noqa: E402
 
 
@@ -105,11 +106,12 @@ class Args:
     eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
+    log_ratio_clamp: Optional[float] = 20.0  # |log pi/pi_old| cap before exp (no official code; verl 20, TRL none)
     beta: float = 5e-3  # KD coefficient at the first rollout step (KDRL §3.3 via third-party notes: 5e-3)
     beta_decay: float = 5e-5  # linear decrease of beta per rollout step (KDRL §3.3, third-party: 5e-5)
     beta_min: float = 1e-3  # floor of beta, reached after 80 steps (KDRL §3.3, third-party: 1e-3)
-    kd_estimator: Literal["k1", "k2", "k3"] = "k2"  # k2: reverse-KL gradient (KDRL's best); k3: forward-KL gradient
-    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # seq-mean-token-mean | global token mean | sum / L_max (TRL default dapo)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k2"  # of KL(pi || pi_T), the KD term: k2 reverse-KL gradient (KDRL's best)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"  # TRL default (DAPO's); GRPO paper: seq_mean_token_mean; Dr. GRPO: seq_mean_token_sum_norm
     mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
     max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
@@ -140,9 +142,9 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2),  # DeepSeekMath §4.2 (kdrl: KL is the KD term)
-    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2),  # Dr. GRPO §3.2, oat code
-    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, dynamic_sampling=True,
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2),  # DeepSeekMath §4.2 (kdrl: KL is the KD term)
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
 }
 RECIPES = {
@@ -162,7 +164,7 @@ RECIPES = {
         teacher="Skywork/Skywork-OR1-Math-7B",  # the teacher (third-party, several sources; same tokenizer family)
         dataset="dapo_math_17k",  # UNKNOWN training set (our choice: the instruction sits in the user turn, as R1 models expect)
         beta=5e-3, beta_decay=5e-5, beta_min=1e-3,  # §3.3 linear annealing 5e-3 -> 1e-3 over 80 steps (third-party)
-        kd_estimator="k2",  # §3.2: k2 works best (third-party; the reverse-KL gradient)
+        kl_estimator="k2",  # §3.2: k2 works best (third-party; the reverse-KL gradient)
         kd_mask="none",  # KDRL-Annealing, the best reported (57.2); `--recipe masking` for KDRL-masking
         scale_rewards="group",  # std-normalised GRPO assumed (spec pseudocode)
         num_generations=8,  # UNKNOWN (our choice)
@@ -183,21 +185,21 @@ RECIPES = {
     ),
     "masking": dict(base="paper", kd_mask="response"),  # §3.4 KDRL-masking: KD only on incorrect responses (third-party)
 }
-AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
 
-def kdrl_loss(logp, old_logp, advantages, mask, normalizer, teacher_logp, kd_mask, beta, entropy=None, eps_low=0.2,
-              eps_high=0.2, dual_clip=None, kd_estimator="k2", entropy_coef=0.0, loss_agg="dapo", max_len=None,
-              kd_normalizer=None):
+def kdrl_loss(logp, old_logp, advantages, mask, normalizer, *, teacher_logp, kd_mask, beta, entropy=None, eps_low=0.2,
+              eps_high=0.2, dual_clip=None, log_ratio_clamp=20.0, kl_estimator="k2", entropy_coef=0.0,
+              loss_agg="token_mean", max_len=None, kd_normalizer=None):
     """logp, old_logp, teacher_logp, entropy, mask, kd_mask: (B, T) per completion token; advantages: (B,).
     kd_mask: 1 where the KD term applies (only inside mask counts). beta: KD coefficient of this step.
-    normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer step over all ranks / world size.
+    normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step, all ranks, / world size.
     kd_normalizer: None (--kd-norm all): the KD term is aggregated with the GRPO term; else the KD term is a token
     mean over the kept tokens, kd_normalizer = their count over the optimizer step and all ranks / world size.
     Returns (loss, metrics)."""
-    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, log_ratio_clamp,
+                                     mask=mask)  # (B, T)
     kd_mask = kd_mask.bool() & mask.bool()  # (B, T)
-    kd = kl_estimate(logp, teacher_logp, kd_estimator)  # (B, T) per-token estimate of KL(pi_theta || pi_T)
+    kd = kl_estimate(logp, teacher_logp, kl_estimator)  # (B, T) per-token estimate of KL(pi_theta || pi_T)
     metrics["kd"] = (kd.detach() * kd_mask).sum() / kd_mask.sum().clamp(min=1)  # the estimator's mean, kept tokens
     metrics["kd_kl"] = ((logp - teacher_logp).detach() * mask).sum() / mask.sum().clamp(min=1)  # k1: KL estimate
     metrics["kd_frac"] = kd_mask.sum() / mask.bool().sum().clamp(min=1)  # share of tokens with the KD term
@@ -205,7 +207,7 @@ def kdrl_loss(logp, old_logp, advantages, mask, normalizer, teacher_logp, kd_mas
         per_tok = per_tok - entropy_coef * entropy
     if kd_normalizer is None:  # KD shares the GRPO term's aggregation: J_GRPO - beta D over the same tokens
         per_tok = per_tok + beta * torch.where(kd_mask, kd, 0.0)
-    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    loss = aggregate(per_tok, mask, loss_agg, normalizer, max_len)
     if kd_normalizer is not None:  # token mean over the kept tokens of the whole step
         loss = loss + beta * aggregate(kd, kd_mask.float(), "token_mean", kd_normalizer)
     return loss, metrics
@@ -362,11 +364,8 @@ def main():
         # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         group_index = torch.arange(len(samples)) // G
-        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
-                               args.adv_eps)
-        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
-            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
-            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
+        adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
         full = common.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
@@ -389,7 +388,7 @@ def main():
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
                 mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
-                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                    sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
                 kd_normalizer = (common.all_reduce(sum(b["kd_mask"].sum() for b in mbs)).clamp(min=1) / d.world_size
                                  if args.kd_norm == "kept" else None)  # kdrl: no kept token anywhere -> KD term 0
                 for k, b in enumerate(mbs):
@@ -397,9 +396,12 @@ def main():
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = kdrl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                            b["teacher_logp"], b["kd_mask"], beta, o["entropy"], args.eps_low,
-                                            args.eps_high, args.dual_clip, args.kd_estimator, args.entropy_coef,
-                                            args.loss_agg, args.max_new_tokens, kd_normalizer)
+                                            teacher_logp=b["teacher_logp"], kd_mask=b["kd_mask"], beta=beta,
+                                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high,
+                                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
+                                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
+                                            loss_agg=args.loss_agg, max_len=args.max_new_tokens,
+                                            kd_normalizer=kd_normalizer)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():

@@ -134,12 +134,12 @@ RECIPES = {
 }
 
 
-def otr_loss(logp, rewards, mask, normalizer, loss_agg="seq_mean_token_mean"):
-    """logp (B,T,K): log pi_theta (temperature 1) of the K tokens drawn at each position; rewards (B,T,K): 1 where
-    the draw is the ground truth, beta elsewhere (no gradient); mask (B,T): 1 on response tokens (EOS included).
+def otr_loss(logp, mask, normalizer, *, rewards, loss_agg="seq_mean_token_mean"):
+    """logp (B,T,K): log pi_theta (temperature 1) of the K tokens drawn at each position; mask (B,T): 1 on response
+    tokens (EOS included); rewards (B,T,K): 1 where the draw is the ground truth, beta elsewhere (no gradient).
     --exact passes K = 1: logp = sum_a w(a) log pi_theta(a) (the expectation over the draws) and rewards = 1.
-    normalizer: sequences (seq_mean_token_mean) or tokens (token_mean) in the whole optimizer step over all ranks,
-    divided by the world size (DDP averages gradients). Returns (loss, metrics)."""
+    normalizer: `normalizer_count(mask, loss_agg)` summed over the whole optimizer step (all micro-batches, all
+    ranks), divided by the world size (DDP averages gradients). Returns (loss, metrics)."""
     per_tok = -(rewards.detach() * logp).mean(-1)  # (B, T) Eq. 8: -(1/K) sum_j sg(R_j) log pi_theta(a_j)
     loss = aggregate(per_tok, mask, loss_agg, normalizer)
     metrics = {"tokens": mask.sum()}
@@ -243,7 +243,7 @@ def main():
                 gen = torch.Generator(d.device).manual_seed(((args.seed * 1_000_003 + step) * 1024 + d.rank) * 64 + k)
                 head = otr_head(args.num_samples, args.kappa, args.beta, args.exact, gen)
                 o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], head=head)  # logp, rewards (B, L, K)
-                loss, m = otr_loss(o["logp"], o["rewards"], b["loss_mask"], normalizer, args.loss_agg)
+                loss, m = otr_loss(o["logp"], b["loss_mask"], normalizer, rewards=o["rewards"], loss_agg=args.loss_agg)
                 loss.backward()
             stats["loss"] += loss.detach()
             stats["nll_sum"] += -(o["target_logp"] * b["loss_mask"]).sum()  # plain NLL of the demonstration

@@ -9,7 +9,7 @@ All G share one Dr. GRPO advantage A_i = R_i - mean_G R (no std). The loss is th
 (prefix tokens included, with pi_old the student, not the expert), except that a prefix token keeps its advantage
 only if it is among the top 20% highest-entropy prefix tokens (entropy clipping; the others get A = 0):
     l_it = max(-A_it r_it, -A_it clip(r_it, 1-eps, 1+eps)),  and min(l_it, -c A_it) where A_it < 0  (c = 3)
-    L = (1/B) sum_i sum_t l_it / L_max - 0.001 * entropy bonus          (Dr. GRPO aggregation, sum / max length)
+    L = (1/B) sum_i sum_t l_it / L_max - 0.001 * (sum_it H_it / #tokens)  (Dr. GRPO aggregation; entropy token mean)
 (the paper's equations are known through secondary notes, spec methods_b.md §3; the official code rules otherwise).
 
 Differs from grpo.py by:
@@ -20,12 +20,15 @@ Differs from grpo.py by:
   cut to --max-new-tokens, as the official post_process_gen_batch truncates it.
 - prefix sampler `sample_prefix_len`: a pure function of (step, seed, sample key) with its own numpy RNG (a run is
   reproducible and resumes at any step); `prefix_low` is the official CosineDecayController.
-- prefix_rft_loss: entropy-based clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss.
+- prefix_rft_loss: entropy-based clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss; the
+  entropy bonus is a token mean over the step whatever --loss-agg is (official dp_actor.py: agg_loss(entropy,
+  response_mask, "token-mean")), where grpo.py aggregates it with the policy term (verl).
+- --log-ratio-clamp off (None): the official compute_policy_loss takes exp(log_prob - old_log_prob) unclamped.
 - old log-probs of prefix tokens are the student's, as for every token: old = current.detach() with one optimizer
   step per rollout batch, else recomputed by the trainer after generation (grpo.py's rule; the official
   post_process_gen_batch moves the prefix into the response before the actor recomputes them), never the expert's.
-- defaults: Dr. GRPO advantage and aggregation (--scale-rewards none, --loss-agg dr_grpo: the paper per secondary
-  notes), dual clip 3.0 (official core_algos compute_policy_loss, clip_ratio_c), entropy coefficient 0.001
+- defaults: Dr. GRPO advantage and aggregation (--scale-rewards none, --loss-agg seq_mean_token_sum_norm: the paper
+  per secondary notes), dual clip 3.0 (official core_algos compute_policy_loss, clip_ratio_c), entropy coefficient 0.001
   (prefix_rft_trainer.yaml); demonstrations are loaded for the RL prompts (need_response=True; embedded: the
   synthetic task's expert solutions of the "rl" split).
 
@@ -35,7 +38,7 @@ core_algos.py `compute_policy_loss`, config/prefix_rft_trainer.yaml). The reposi
 
 Choices and deviations (each where the sources are silent or the official code does something else):
 - Entropy clipping: with n prefix tokens in scope, the int(n * 0.8) lowest-entropy ones get A = 0 (the official
-  `split_point = int(len(indices) * entropy_mask_ratio)`), so n - floor(0.8 n) = ceil(0.2 n) tokens keep A. Scope
+  `split_point = int(len(indices) * entropy_mask_ratio)`, --entropy-mask-ratio 0.8), so n - int(0.8 n) keep A. Scope
   "batch" pools the prefix tokens of the micro-batch as the official code does (so with --grad-accum > 1 or several
   ranks the selection depends on how the batch is split, as there); "sequence" selects within each hybrid. The
   entropies are those of the current forward pass, detached; ties are broken by position (stable sort).
@@ -69,7 +72,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
+                               reward_moments)  # noqa: E402
 from kernels.logprob import FusedLM  # noqa: E402
 
 
@@ -113,9 +117,10 @@ class Args:
     eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = 3.0  # cap -A*c on the loss where A<0 (prefix_rft core_algos clip_ratio_c 3.0)
+    log_ratio_clamp: Optional[float] = None  # |log pi/pi_old| cap before exp (prefix_rft core_algos: none; verl 20)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
-    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dr_grpo"  # seq-mean-token-mean | token mean | sum / L_max (Dr. GRPO)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # Dr. GRPO's sum / L_max (Prefix-RFT paper, spec §3)
     mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
     max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
@@ -148,14 +153,14 @@ class Args:
     prefix_beta_a: float = 1.0  # fraction = low + (high - low) Beta(a, b) (official BetaSampler alpha 1.0)
     prefix_beta_b: float = 1.0  # (official BetaSampler beta 1.0: uniform)
     min_prefix_len: int = 1  # shortest prefix in tokens (official min_prefix_len; its value is not shipped)
-    entropy_keep_ratio: float = 0.2  # share of prefix tokens that keep their advantage, by entropy (paper: top 0.2)
+    entropy_mask_ratio: float = 0.8  # share of prefix tokens, lowest entropy first, whose A is zeroed (official entropy_mask_ratio; paper: the top 20% keep A)
     entropy_scope: Literal["batch", "sequence"] = "batch"  # rank over the micro-batch (official) or per hybrid
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
-    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
 }
 RECIPES = {
@@ -187,9 +192,9 @@ RECIPES = {
         entropy_coef=0.001,  # prefix_rft_trainer.yaml entropy_coeff
         dual_clip=3.0,  # core_algos.compute_policy_loss clip_ratio_c
         scale_rewards="none",  # Dr. GRPO advantage (the paper, per secondary notes)
-        loss_agg="dr_grpo",  # Dr. GRPO aggregation (the paper, per secondary notes)
+        loss_agg="seq_mean_token_sum_norm",  # Dr. GRPO aggregation (the paper, per secondary notes)
         prefix_high=0.95, prefix_low_start=0.95, prefix_low_end=0.05,  # the paper: prefix fraction window 95% -> 5%
-        entropy_keep_ratio=0.2,  # the paper: only the top-20% entropy prefix tokens keep their advantage
+        entropy_mask_ratio=0.8,  # the paper: only the top-20% entropy prefix tokens keep their advantage
         max_steps=500,  # UNKNOWN (our choice)
         prefix_decay_steps=500,  # UNKNOWN horizon of the cosine (our choice: the whole run)
         grad_accum=16,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
@@ -202,46 +207,47 @@ RECIPES = {
         gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
     ),
 }
-AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
 
-def prefix_rft_loss(logp, old_logp, advantages, mask, normalizer, prefix_mask, entropy, ref_logp=None, eps_low=0.2,
-                    eps_high=0.2, dual_clip=3.0, beta=0.0, kl_estimator="k3", entropy_coef=0.001, loss_agg="dr_grpo",
-                    max_len=None, entropy_keep_ratio=0.2, entropy_scope="batch"):
+def prefix_rft_loss(logp, old_logp, advantages, mask, normalizer, *, prefix_mask, entropy, token_normalizer=None,
+                    ref_logp=None, eps_low=0.2, eps_high=0.2, dual_clip=3.0, log_ratio_clamp=None, beta=0.0,
+                    kl_estimator="k3", entropy_coef=0.001, loss_agg="seq_mean_token_sum_norm", max_len=None,
+                    entropy_mask_ratio=0.8, entropy_scope="batch"):
     """logp, old_logp, ref_logp, entropy, mask, prefix_mask: (B, T) per completion token; advantages: (B,).
     prefix_mask: 1 on demonstration-prefix tokens. entropy: of the current forward pass (its gradient feeds the
-    bonus; the selection uses it detached). normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer
-    step over all ranks / world size. Returns (loss, metrics)."""
+    bonus; the selection uses it detached). normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step,
+    all ranks, / world size; token_normalizer: loss tokens of the step, all ranks, / world size (the entropy bonus is
+    a token mean whatever loss_agg is: official dp_actor.py agg_loss(entropy, response_mask, "token-mean")).
+    Returns (loss, metrics)."""
     prefix = prefix_mask.bool() & mask.bool()  # (B, T)
-    keep = entropy_keep_mask(entropy, prefix, entropy_keep_ratio, entropy_scope)  # (B, T) top-20% prefix tokens
+    keep = entropy_keep_mask(entropy, prefix, entropy_mask_ratio, entropy_scope)  # (B, T) top-20% prefix tokens
     adv = advantages.float()
     adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(logp)  # (B, T) trajectory advantage on every token
     adv = torch.where(prefix & ~keep, 0.0, adv)  # entropy clipping: low-entropy prefix tokens get A = 0
-    per_tok, metrics = ppo_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, log_ratio_clamp,
+                                     mask=mask)  # (B, T)
     metrics["prefix_frac"] = prefix.sum() / mask.sum().clamp(min=1)  # share of loss tokens from demonstrations
     metrics["prefix_kept_frac"] = (keep & prefix).sum() / prefix.sum().clamp(min=1)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
         per_tok = per_tok + beta * kl
         metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-    if entropy_coef:  # bonus: maximise entropy
-        per_tok = per_tok - entropy_coef * entropy
-    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    loss = aggregate(per_tok, mask, loss_agg, normalizer, max_len)
+    if entropy_coef:  # bonus: maximise entropy, a token mean over the step whatever loss_agg is (official)
+        loss = loss - entropy_coef * aggregate(entropy, mask, "token_mean", token_normalizer)
     return loss, metrics
 
 
-def entropy_keep_mask(entropy, prefix_mask, keep_ratio=0.2, scope="batch"):
+def entropy_keep_mask(entropy, prefix_mask, mask_ratio=0.8, scope="batch"):
     """(B, T) bool: the prefix tokens that keep their advantage. Among the n prefix tokens in scope (all of them for
-    "batch", each row for "sequence") the int(n * (1 - keep_ratio)) lowest-entropy ones are dropped (official
-    dp_actor.py: split_point = int(len(indices) * entropy_mask_ratio)), so ceil(keep_ratio * n) are kept."""
+    "batch", each row for "sequence") the int(n * mask_ratio) lowest-entropy ones are dropped, exactly the official
+    dp_actor.py `split_point = int(len(indices) * entropy_mask_ratio)` (the same float64 product, floored)."""
     prefix = prefix_mask.bool()
-    if keep_ratio >= 1:
-        return prefix
     h = torch.where(prefix, entropy.detach().float(), float("inf"))  # non-prefix tokens sort last
     rows = h.reshape(1, -1) if scope == "batch" else h  # (R, M): one pool per micro-batch or per sequence
     rank = rows.argsort(dim=-1, stable=True).argsort(dim=-1)  # (R, M) 0 = lowest entropy
     n = prefix.reshape(rows.shape).sum(-1, keepdim=True)  # (R, 1) prefix tokens in scope
-    drop = (n.double() * (1 - keep_ratio)).floor()  # float64: int(n * 0.8) as in Python
+    drop = (n.double() * mask_ratio).floor()  # float64 product, floored: Python's int(n * ratio)
     return (rank >= drop).reshape(prefix.shape) & prefix
 
 
@@ -277,9 +283,10 @@ def check_prefix_args(a):
     if not all(0 <= x <= 1 for x in (a.prefix_high, a.prefix_low_start, a.prefix_low_end)):
         raise common.UserError("--prefix-high, --prefix-low-start and --prefix-low-end are fractions of the "
                                "demonstration: give values in [0, 1]")
-    if not 0 < a.entropy_keep_ratio <= 1:
-        raise common.UserError(f"--entropy-keep-ratio {a.entropy_keep_ratio} must be in (0, 1] (the paper keeps the "
-                               "top 0.2 of prefix tokens by entropy; 1 keeps all)")
+    if not 0 <= a.entropy_mask_ratio <= 1:
+        raise common.UserError(f"--entropy-mask-ratio {a.entropy_mask_ratio} must be in [0, 1] (the share of prefix "
+                               "tokens, lowest entropy first, whose advantage is zeroed: the paper's 0.8 keeps the top "
+                               "20%; 0 keeps all)")
     if min(a.prefix_beta_a, a.prefix_beta_b) <= 0 or a.min_prefix_len < 0 or (a.prefix_decay_steps or 1) < 1:
         raise common.UserError("--prefix-beta-a and --prefix-beta-b must be > 0, --min-prefix-len >= 0 and "
                                "--prefix-decay-steps >= 1; change the offending flag")
@@ -327,6 +334,9 @@ def main():
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
     if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
         raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
+        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
+                               "(DeepSeekMath: 0.04)")
     check_prefix_args(args)  # prefix-rft
     H = args.num_prefix  # prefix-rft: hybrids per group
     horizon = args.prefix_decay_steps or args.max_steps
@@ -403,11 +413,8 @@ def main():
         # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         group_index = torch.arange(len(samples)) // G
-        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
-                               args.adv_eps)
-        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
-            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
-            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
+        adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
         full = common.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
@@ -432,16 +439,22 @@ def main():
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
                 mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
-                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                    sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
+                token_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in mbs)) / d.world_size
                 for k, b in enumerate(mbs):
                     with common.no_sync(model, k == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = prefix_rft_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                                  b["prefix_mask"], o["entropy"], b.get("ref_logp"), args.eps_low,
-                                                  args.eps_high, args.dual_clip, args.beta, args.kl_estimator,
-                                                  args.entropy_coef, args.loss_agg, args.max_new_tokens,
-                                                  args.entropy_keep_ratio, args.entropy_scope)
+                                                  prefix_mask=b["prefix_mask"], entropy=o["entropy"],
+                                                  token_normalizer=token_normalizer, ref_logp=b.get("ref_logp"),
+                                                  eps_low=args.eps_low, eps_high=args.eps_high,
+                                                  dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
+                                                  beta=args.beta, kl_estimator=args.kl_estimator,
+                                                  entropy_coef=args.entropy_coef, loss_agg=args.loss_agg,
+                                                  max_len=args.max_new_tokens,
+                                                  entropy_mask_ratio=args.entropy_mask_ratio,
+                                                  entropy_scope=args.entropy_scope)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():

@@ -16,7 +16,7 @@ Differs from grpo.py by:
 - RL defaults of the ReLIFT scripts (examples/math-7b/train.sh, config/relift_trainer.yaml), each a flag:
     --scale-rewards none (grpo_use_std=False; the paper writes std-normalised A),
     --no-clip (loss_remove_clip=True; the paper and the RL baseline train_rl.sh clip: --clip),
-    --loss-agg dr_grpo with T_max = --max-new-tokens 8192 (loss_remove_token_mean=True: token sum / max length),
+    --loss-agg seq_mean_token_sum_norm with T_max = --max-new-tokens 8192 (loss_remove_token_mean=True: token sum / max length),
     --entropy-coef 0.001 as a token mean (verl), --max-grad-norm 0.7 (train_rl.sh: 1.0), 128 prompts x 8, two
     optimizer steps per rollout batch (ppo_mini_batch_size 64), lr 1e-6 constant;
     --preset relift_paper gives the paper's clipped, std-normalised form;
@@ -55,7 +55,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from kernels.advantage import aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss  # noqa: E402
+from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
+                               reward_moments)  # noqa: E402
 from kernels.logprob import FusedLM  # noqa: E402
 
 
@@ -100,9 +101,10 @@ class Args:
     eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
+    log_ratio_clamp: Optional[float] = None  # |log pi/pi_old| cap before exp (ReLIFT core_algos: none; verl 20)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
-    loss_agg: Literal["grpo", "dapo", "dr_grpo"] = "dr_grpo"  # seq-mean-token-mean | token mean | sum / L_max (ReLIFT)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # ReLIFT loss_remove_token_mean: sum / L_max
     mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
     max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
@@ -135,9 +137,9 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="grpo", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="dr_grpo", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
-    "dapo": dict(scale_rewards="group", loss_agg="dapo", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
     "relift_paper": dict(clip=True, scale_rewards="group"),  # the ReLIFT paper writes clipped GRPO, std A
 }
@@ -170,7 +172,7 @@ RECIPES = {
         entropy_coef=0.001,  # entropy_coeff 0.001
         clip=False,  # loss_remove_clip=True
         scale_rewards="none",  # grpo_use_std=False
-        loss_agg="dr_grpo",  # loss_remove_token_mean=True: token sum / 8192
+        loss_agg="seq_mean_token_sum_norm",  # loss_remove_token_mean=True: token sum / 8192
         sft_buffer_size=128,  # sft_data_size 128
         sft_micro_batch_size=4,  # Math-7B: sft_micro_batch_size 4
         sft_lr=1e-6,  # separate AdamW at lr 1e-6
@@ -191,47 +193,50 @@ RECIPES = {
     "qwen_7b": dict(base="paper", model="RoadQAQ/Qwen2.5-7B-think",  # examples/7b/train.sh
                     sft_micro_batch_size=2),  # 2 for the models other than Math-7B
 }
-AGG = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
 
-def grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=None, entropy=None, eps_low=0.2, eps_high=0.2,
-              dual_clip=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="dapo", max_len=None):
-    """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,).
-    normalizer: tokens (dapo) or sequences (grpo, dr_grpo) in the optimizer step over all ranks / world size.
-    Returns (loss, metrics)."""
-    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, mask=mask)  # (B, T)
+def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, entropy=None, eps_low=0.2,
+              eps_high=0.2, dual_clip=None, log_ratio_clamp=20.0, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
+              loss_agg="token_mean", max_len=None):
+    """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,) or (B, T).
+    normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step, all ranks, / world size (tokens for
+    token_mean, sequences otherwise); max_len: the constant L_max of seq_mean_token_sum_norm. Returns (loss, metrics)."""
+    per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, log_ratio_clamp,
+                                     mask=mask)  # (B, T)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
         per_tok = per_tok + beta * kl
         metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-    if entropy_coef:  # bonus: maximise entropy
+    if entropy_coef:  # bonus: maximise entropy (aggregated like the policy term, as verl's agg_loss)
         per_tok = per_tok - entropy_coef * entropy
-    loss = aggregate(per_tok, mask, AGG[loss_agg], normalizer, max_len)
+    loss = aggregate(per_tok, mask, loss_agg, normalizer, max_len)
     return loss, metrics
 
 
-def relift_rl_loss(logp, old_logp, advantages, mask, normalizer, entropy, token_normalizer, clip=False, eps_low=0.2,
-                   eps_high=0.2, dual_clip=None, ref_logp=None, beta=0.0, kl_estimator="k3", entropy_coef=1e-3,
-                   loss_agg="dr_grpo", max_len=None):
+def relift_rl_loss(logp, old_logp, advantages, mask, normalizer, *, entropy, token_normalizer, clip=False,
+                   eps_low=0.2, eps_high=0.2, dual_clip=None, log_ratio_clamp=None, ref_logp=None, beta=0.0,
+                   kl_estimator="k3", entropy_coef=1e-3, loss_agg="seq_mean_token_sum_norm", max_len=None):
     """The RL step as released. logp, old_logp, entropy, mask: (B, T); advantages: (B,). normalizer: grpo_loss's
-    count for loss_agg (sequences for dr_grpo) over the optimizer step, all ranks, / world size; token_normalizer:
+    count for loss_agg (sequences for seq_mean_token_sum_norm) over the optimizer step, all ranks, / world size;
+    token_normalizer:
     tokens of the step, all ranks, / world size (the entropy bonus is a token mean, verl's masked_mean).
     clip=False: per-token loss -A r (core_algos.compute_policy_loss, loss_remove_clip=True). Returns (loss, metrics)."""
     if not clip:  # an infinite clip range leaves the ratio as it is
         eps_low, eps_high, dual_clip = math.inf, math.inf, None
-    pg, metrics = grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp, None, eps_low, eps_high, dual_clip,
-                            beta, kl_estimator, 0.0, loss_agg, max_len)
+    pg, metrics = grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=ref_logp, eps_low=eps_low,
+                            eps_high=eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, beta=beta,
+                            kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=max_len)
     ent = aggregate(entropy, mask, "token_mean", token_normalizer)  # mean entropy of the step's tokens
     return pg - entropy_coef * ent, metrics
 
 
-def relift_sft_loss(logp, entropy, mask, normalizer, alpha=1e-3):
+def relift_sft_loss(logp, mask, normalizer, *, entropy, entropy_coef=1e-3):
     """The fine-tuning step (actor.py sft_update_policy + compute_sft_loss): NLL minus alpha x entropy, both token
     means over the demonstration tokens. logp, entropy, mask: (B, T); entropy carries its gradient (FusedLM
     with_entropy). normalizer: demonstration tokens of the step, all ranks, / world size. Returns (loss, metrics)."""
     nll = aggregate(-logp, mask, "token_mean", normalizer)  # (1/|S|) sum -log pi_theta(s)
     ent = aggregate(entropy, mask, "token_mean", normalizer)  # (1/|S|) sum H(pi_theta(. | s<))
-    return nll - alpha * ent, {"sft_nll": nll.detach(), "sft_entropy": ent.detach()}
+    return nll - entropy_coef * ent, {"sft_nll": nll.detach(), "sft_entropy": ent.detach()}
 
 
 class HardestBuffer:
@@ -305,6 +310,12 @@ def main():
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
     if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
         raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
+    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
+        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
+                               "(DeepSeekMath: 0.04)")
+    if not args.clip and {"eps_low", "eps_high", "dual_clip"} & set(args._explicit):  # the RL loss as released
+        raise common.UserError("--eps-low, --eps-high and --dual-clip act only with --clip (ReLIFT's released loss "
+                               "has no clip: loss_remove_clip=True)")
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
@@ -369,11 +380,8 @@ def main():
         # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         group_index = torch.arange(len(samples)) // G
-        adv = group_advantages(rewards, group_index, "none" if args.scale_rewards == "batch" else args.scale_rewards,
-                               args.adv_eps)
-        if args.scale_rewards == "batch":  # PPO-Lite / TRL: group mean, std of the whole batch over all ranks
-            s = common.all_reduce(torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)))]))
-            adv = adv / ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt().add(args.adv_eps)
+        moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
+        adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
         full = common.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
@@ -395,17 +403,19 @@ def main():
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
                 mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
-                    sum(normalizer_count(b["loss_mask"], AGG[args.loss_agg]) for b in mbs)) / d.world_size
+                    sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
                 token_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in mbs)) / d.world_size  # ReLIFT
                 for k, b in enumerate(mbs):
                     with common.no_sync(model, k == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = relift_rl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                                 o["entropy"], token_normalizer, args.clip, args.eps_low,
-                                                 args.eps_high, args.dual_clip, b.get("ref_logp"), args.beta,
-                                                 args.kl_estimator, args.entropy_coef, args.loss_agg,
-                                                 args.max_new_tokens)
+                                                 entropy=o["entropy"], token_normalizer=token_normalizer,
+                                                 clip=args.clip, eps_low=args.eps_low, eps_high=args.eps_high,
+                                                 dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
+                                                 ref_logp=b.get("ref_logp"), beta=args.beta,
+                                                 kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
+                                                 loss_agg=args.loss_agg, max_len=args.max_new_tokens)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
@@ -440,8 +450,8 @@ def main():
             for k, b in enumerate(sft_mbs):
                 with common.no_sync(model, k == len(sft_mbs) - 1), autocast:
                     o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)  # temperature 1 (code)
-                    sft_loss, sm = relift_sft_loss(o["logp"], o["entropy"], b["loss_mask"], sft_normalizer,
-                                                   args.sft_entropy_coef)
+                    sft_loss, sm = relift_sft_loss(o["logp"], b["loss_mask"], sft_normalizer, entropy=o["entropy"],
+                                                   entropy_coef=args.sft_entropy_coef)
                     sft_loss.backward()
                 for key, v in {"sft_loss": sft_loss.detach(), **sm}.items():
                     sft_metrics[f"train/{key}"] = sft_metrics.get(f"train/{key}", 0.0) + v

@@ -114,15 +114,13 @@ RECIPES = {
 }
 
 
-def sft_loss(logp, mask, normalizer, loss_agg="token_mean", n_micro=1):
+def sft_loss(logp, mask, normalizer, *, loss_agg="token_mean"):
     """logp (B,T): log pi_theta of the target tokens; mask (B,T): 1 on response tokens (EOS included).
-    normalizer: tokens (token_mean) or sequences (seq_*) in the whole optimizer step over all ranks, divided by
-    the world size (DDP averages gradients). Returns (loss, metrics)."""
+    normalizer: `normalizer_count(mask, loss_agg)` summed over the whole optimizer step (all micro-batches, all
+    ranks), divided by the world size (DDP averages gradients): tokens (token_mean), sequences (seq_*), micro-batches
+    (micro_token_mean). Returns (loss, metrics)."""
     nll = -logp  # (B, T) per-token cross-entropy
-    if loss_agg == "micro_token_mean":  # legacy: local mean per micro-batch, then / grad_accum (GA bug)
-        loss = (nll * mask).sum() / mask.sum().clamp(min=1) / n_micro
-    else:
-        loss = aggregate(nll, mask, loss_agg, normalizer)
+    loss = aggregate(nll, mask, loss_agg, normalizer)
     metrics = {"nll_sum": (nll.detach() * mask).sum(), "tokens": mask.sum()}
     return loss, metrics
 
@@ -187,7 +185,7 @@ def main():
         for k, b in enumerate(mbs):
             with common.no_sync(model, k == len(mbs) - 1), autocast:
                 logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]  # (B, L)
-                loss, m = sft_loss(logp, b["loss_mask"], normalizer, args.loss_agg, len(mbs))
+                loss, m = sft_loss(logp, b["loss_mask"], normalizer, loss_agg=args.loss_agg)
                 loss.backward()
             stats["loss"] += loss.detach()
             stats["nll_sum"] += m["nll_sum"]

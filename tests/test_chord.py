@@ -37,8 +37,9 @@ def _ddp_loss(m, o, b, z, agg, n_micro):
     z_on, z_ex = (full["loss_mask"][k].sum() * scale for k in (~_ddp_is_expert(full), _ddp_is_expert(full)))
     if agg == "local":  # negative control: each micro-batch's own counts (a per-micro-batch mean of each kind)
         z_on, z_ex = b["loss_mask"][~e].sum() * n_micro, b["loss_mask"][e].sum() * n_micro
-    return m.chord_loss(o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"], b["loss_mask"], z_on, e,
-                        z_ex, 0.3, sft_weighting="phi" if agg == "local" else agg)[0]
+    return m.chord_loss(o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"], b["loss_mask"], z_on,
+                        is_expert=e, expert_normalizer=z_ex, mu=0.3,
+                        sft_weighting="phi" if agg == "local" else agg)[0]
 
 
 # used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch); `agg` carries
@@ -90,7 +91,8 @@ def test_chord_loss_matches_reference(weighting, mu, dual):
     old_bad = torch.where(e[:, None], torch.zeros_like(old), old)  # Trinity: expert rows carry logprobs 0
     z_on, z_ex = mask[~e].sum(), mask[e].sum()
     lp = logp.clone().requires_grad_()
-    loss, m = chord.chord_loss(lp, old_bad, adv, mask, z_on, e, z_ex, mu, weighting, dual_clip=dual)
+    loss, m = chord.chord_loss(lp, old_bad, adv, mask, z_on, is_expert=e, expert_normalizer=z_ex, mu=mu,
+                               sft_weighting=weighting, dual_clip=dual)
     lr = logp.clone().requires_grad_()
     ref = reference(lr, old, adv, mask, e, mu, weighting, dual=dual)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -109,7 +111,8 @@ def test_dual_clip_inf_is_the_chord_era_loss_without_dual_clip():
     out = []
     for dual in (float("inf"), None):
         lp = logp.clone().requires_grad_()
-        loss, _ = chord.chord_loss(lp, old, adv, mask, mask[~e].sum(), e, mask[e].sum(), 0.3, dual_clip=dual)
+        loss, _ = chord.chord_loss(lp, old, adv, mask, mask[~e].sum(), is_expert=e, expert_normalizer=mask[e].sum(),
+                                   mu=0.3, dual_clip=dual)
         loss.backward()
         out.append((loss, lp.grad))
     torch.testing.assert_close(out[0], out[1])
@@ -120,20 +123,20 @@ def test_expert_rows_never_reach_ppo_and_onpolicy_rows_never_reach_sft():
     logp, old, adv, mask, e = _batch()
     z_on, z_ex = mask[~e].sum(), mask[e].sum()
     lp = logp.clone().requires_grad_()
-    loss, _ = chord.chord_loss(lp, old, adv, mask, z_on, e, z_ex, 0.3)
+    loss, _ = chord.chord_loss(lp, old, adv, mask, z_on, is_expert=e, expert_normalizer=z_ex, mu=0.3)
     loss.backward()
     # garbage old log-probs and huge advantages on expert rows change nothing
     old2 = torch.where(e[:, None], old + 30.0, old)
     adv2 = torch.where(e, torch.tensor(1e6), adv)
     lp2 = logp.clone().requires_grad_()
-    loss2, _ = chord.chord_loss(lp2, old2, adv2, mask, z_on, e, z_ex, 0.3)
+    loss2, _ = chord.chord_loss(lp2, old2, adv2, mask, z_on, is_expert=e, expert_normalizer=z_ex, mu=0.3)
     loss2.backward()
     torch.testing.assert_close(loss, loss2)
     torch.testing.assert_close(lp.grad, lp2.grad)
     # mu = 1: pure SFT, no gradient on on-policy rows; mu = 0: pure GRPO, none on expert rows
     for mu, rows in [(1.0, ~e), (0.0, e)]:
         lp3 = logp.clone().requires_grad_()
-        chord.chord_loss(lp3, old, adv, mask, z_on, e, z_ex, mu)[0].backward()
+        chord.chord_loss(lp3, old, adv, mask, z_on, is_expert=e, expert_normalizer=z_ex, mu=mu)[0].backward()
         assert float(lp3.grad[rows].abs().max()) == 0.0
         assert float(lp3.grad[~rows].abs().max()) > 0.0
 
@@ -143,13 +146,16 @@ def test_mix_ratio_does_not_change_the_loss():
     the per-token gradient of the original rows as they were (one shared token mean would not)."""
     logp, old, adv, mask, e = _batch()
     lp = logp.clone().requires_grad_()
-    loss, _ = chord.chord_loss(lp, old, adv, mask, mask[~e].sum(), e, mask[e].sum(), 0.3, "phi")
+    loss, _ = chord.chord_loss(lp, old, adv, mask, mask[~e].sum(), is_expert=e, expert_normalizer=mask[e].sum(),
+                               mu=0.3, sft_weighting="phi")
     big = [torch.cat([x, x[e], x[e]]) for x in (logp, old, adv, mask, e)]
-    loss3, _ = chord.chord_loss(big[0], big[1], big[2], big[3], big[3][~big[4]].sum(), big[4], big[3][big[4]].sum(),
-                                0.3, "phi")
+    loss3, _ = chord.chord_loss(big[0], big[1], big[2], big[3], big[3][~big[4]].sum(), is_expert=big[4],
+                                expert_normalizer=big[3][big[4]].sum(), mu=0.3, sft_weighting="phi")
     torch.testing.assert_close(loss, loss3)
-    shared = chord.chord_loss(logp, old, adv, mask, mask.sum(), e, mask.sum(), 0.3, "phi")[0]
-    shared3 = chord.chord_loss(*big[:4], big[3].sum(), big[4], big[3].sum(), 0.3, "phi")[0]
+    shared = chord.chord_loss(logp, old, adv, mask, mask.sum(), is_expert=e, expert_normalizer=mask.sum(), mu=0.3,
+                              sft_weighting="phi")[0]
+    shared3 = chord.chord_loss(*big[:4], big[3].sum(), is_expert=big[4], expert_normalizer=big[3].sum(), mu=0.3,
+                               sft_weighting="phi")[0]
     assert not torch.allclose(shared, shared3)
 
 
@@ -161,7 +167,8 @@ def test_phi_gradient_is_minus_one_minus_p_times_grad_p():
     mask = torch.ones(5, 4)
     e = torch.ones(5, dtype=torch.bool)  # every row expert
     logp = torch.log_softmax(z, -1).gather(-1, tgt[..., None])[..., 0]
-    loss, _ = chord.chord_loss(logp, logp.detach(), torch.zeros(5), mask, torch.tensor(1.0), e, mask.sum(), 1.0, "phi")
+    loss, _ = chord.chord_loss(logp, logp.detach(), torch.zeros(5), mask, torch.tensor(1.0), is_expert=e,
+                               expert_normalizer=mask.sum(), mu=1.0, sft_weighting="phi")
     (gz,) = torch.autograd.grad(loss, z)
     p = torch.softmax(z, -1).gather(-1, tgt[..., None])[..., 0]
     (gz_ref,) = torch.autograd.grad((-(1 - p.detach()) * p).sum() / mask.sum(), z)
@@ -188,7 +195,7 @@ def test_variants_recipe_and_explicit_override():
     real = ["--model", "Qwen/Qwen2.5-7B-Instruct"]
     a = common.parse_args(chord.Args, real, presets)  # the default: CHORD-phi
     assert (a.variant, a.mu_peak, a.mu_valley, a.mu_decay_steps, a.sft_weighting) == ("phi", 0.1, 0.1, 0, "phi")
-    assert (a.dual_clip, a.scale_rewards, a.loss_agg, a.beta, a.expert_data_ratio) == (3.0, "group", "dapo", 0.0, 0.2)
+    assert (a.dual_clip, a.scale_rewards, a.loss_agg, a.beta, a.expert_data_ratio) == (3.0, "group", "token_mean", 0.0, 0.2)
     a = common.parse_args(chord.Args, real + ["--variant", "mu"], presets)
     assert (a.mu_warmup_steps, a.mu_decay_steps, a.mu_peak, a.mu_valley, a.sft_weighting) == (0, 200, 0.9, 0.05,
                                                                                                 "none")

@@ -18,16 +18,16 @@ def tok(tiny_dir):
     return common.load_tokenizer(tiny_dir)
 
 
-def test_import_has_no_side_effects_and_is_fast(tmp_path):
-    code = ("import time,sys; t=time.time(); import common; import torch.distributed as d; "
-            "assert not d.is_initialized(); print(time.time()-t)")
-    times = []
-    for _ in range(2):  # the first import may pay for a cold file cache
-        p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-        assert p.returncode == 0, p.stderr
-        times.append(float(p.stdout))
-    assert min(times) < 3.0, times
+def test_import_has_no_side_effects(tmp_path):
+    """Importing common initialises no process group, writes nothing and pulls in no heavy library (transformers,
+    datasets, math_verify, vllm load inside the functions that need them). A count of modules, not a timing: the
+    shared test machine makes import times noisy."""
+    code = ("import sys; import common; import torch.distributed as d; assert not d.is_initialized(); "
+            "print(sorted(m for m in ('transformers', 'datasets', 'math_verify', 'vllm') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
     assert list(tmp_path.iterdir()) == []  # wrote nothing
 
 

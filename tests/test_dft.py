@@ -22,11 +22,12 @@ def _loss(m, o, b, z, agg, n_micro):
     0.5 (logp - logp.detach() - aux)^2; the normalisation under test is the same for any per-token term."""
     agg, _, kl = agg.partition(":")
     stand_in = 0.5 * (o["logp"] - o["logp"].detach() - b["aux"]) ** 2 if kl else None
-    return m.dft_loss(o["logp"], b["loss_mask"], z, agg, n_micro, stand_in, 0.5 if kl else 0.0)[0]
+    return m.dft_loss(o["logp"], b["loss_mask"], z, loss_agg=agg, kl=stand_in,
+                      kl_weight=0.5 if kl else 0.0)[0]
 
 
 # used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch)
-DDP_ADAPTER = (lambda agg: "token_mean" if agg.startswith("micro_token_mean") else agg.partition(":")[0], _loss)
+DDP_ADAPTER = (lambda agg: agg.partition(":")[0], _loss)
 
 
 def reference(logp, mask, kl, lam, agg):
@@ -52,7 +53,7 @@ def test_dft_loss_matches_reference(agg, lam):
     kl = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3))  # any non-negative per-token KL
     z = mask.sum() if agg == "token_mean" else torch.tensor(float(mask.shape[0]))
     lp, kp = logp.clone().requires_grad_(), kl.clone().requires_grad_()
-    loss, m = dft.dft_loss(lp, mask, z, agg, kl=kp, kl_weight=lam)
+    loss, m = dft.dft_loss(lp, mask, z, loss_agg=agg, kl=kp, kl_weight=lam)
     lr, kr = logp.clone().requires_grad_(), kl.clone().requires_grad_()
     ref = reference(lr, mask, kr, lam, agg)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
@@ -77,7 +78,8 @@ def test_micro_token_mean_is_the_official_code_formula():
     """yongliang-wu/DFT: sum / tokens of the micro-batch, then / n_micro."""
     logp, mask = rand_batch()
     halves = [(logp[:2], mask[:2]), (logp[2:], mask[2:])]
-    loss = sum(dft.dft_loss(lp, m, None, "micro_token_mean", 2)[0] for lp, m in halves)
+    z = sum(dft.normalizer_count(m, "micro_token_mean") for _, m in halves)  # 2 micro-batches, as main() counts
+    loss = sum(dft.dft_loss(lp, m, z, loss_agg="micro_token_mean")[0] for lp, m in halves)
     ref = sum((-lp.exp() * lp * m).sum() / m.sum() for lp, m in halves) / 2
     torch.testing.assert_close(loss, ref)
     assert not torch.allclose(loss, dft.dft_loss(logp, mask, mask.sum())[0])  # differs from the global token mean
@@ -119,7 +121,8 @@ def test_asft_head_matches_full_logits():
     lam = 0.3
     naive_lm = copy.deepcopy(lm)
     o = FusedLM(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"], head=dft.asft_head(ref, b))
-    loss, _ = dft.dft_loss(o["logp"], b["loss_mask"], b["loss_mask"].sum(), "token_mean", kl=o["kl"], kl_weight=lam)
+    loss, _ = dft.dft_loss(o["logp"], b["loss_mask"], b["loss_mask"].sum(), loss_agg="token_mean", kl=o["kl"],
+                           kl_weight=lam)
     loss_ref, logp_ref, kl_ref = naive_asft(naive_lm, ref, b, lam)
     mask = b["loss_mask"][:, 1:].bool()
     torch.testing.assert_close(o["logp"][:, 1:][mask], logp_ref[mask], rtol=1e-5, atol=1e-5)

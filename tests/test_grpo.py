@@ -10,7 +10,7 @@ from tests_util import load_method, rand_batch
 
 grpo = load_method("grpo")
 # used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch)
-DDP_ADAPTER = (lambda agg: grpo.AGG[agg],
+DDP_ADAPTER = (lambda agg: agg,
                lambda m, o, b, z, agg, n_micro: m.grpo_loss(o["logp"], o["logp"].detach() + b["old_shift"],
                                                             b["advantages"], b["loss_mask"], z, loss_agg=agg,
                                                             max_len=20)[0])
@@ -32,14 +32,14 @@ def reference(logp, old, ref_logp, adv, mask, eps_low, eps_high, dual, beta, kl,
                 k = {"k1": x, "k2": 0.5 * x**2, "k3": torch.exp(-x) + x - 1}[kl]
                 l = l + beta * k
             out[i, t] = l * mask[i, t]
-    if agg == "dapo":
+    if agg == "token_mean":
         return out.sum() / mask.sum()
-    if agg == "grpo":
+    if agg == "seq_mean_token_mean":
         return sum(out[i].sum() / mask[i].sum() for i in range(B)) / B
-    return sum(out[i].sum() / L for i in range(B)) / B  # dr_grpo
+    return sum(out[i].sum() / L for i in range(B)) / B  # seq_mean_token_sum_norm (Dr. GRPO)
 
 
-@pytest.mark.parametrize("agg", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
 @pytest.mark.parametrize("clip", [(0.2, 0.2, None), (0.2, 0.28, None), (0.2, 0.2, 3.0)])
 @pytest.mark.parametrize("beta,kl", [(0.0, "k3"), (0.04, "k1"), (0.04, "k2"), (0.04, "k3")])
 def test_grpo_loss_matches_reference(agg, clip, beta, kl):
@@ -48,9 +48,11 @@ def test_grpo_loss_matches_reference(agg, clip, beta, kl):
     old = logp + 0.4 * torch.randn(logp.shape, generator=g)  # ratios well outside [0.8, 1.28]: clipping active
     ref_logp = logp + 0.3 * torch.randn(logp.shape, generator=g)
     adv = torch.tensor([1.5, -2.0, 0.7, -0.4])
-    z = mask.sum() if agg == "dapo" else torch.tensor(4.0)
+    z = mask.sum() if agg == "token_mean" else torch.tensor(4.0)
     lp = logp.clone().requires_grad_()
-    loss, m = grpo.grpo_loss(lp, old, adv, mask, z, ref_logp, None, *clip, beta, kl, 0.0, agg, 10)
+    eps_low, eps_high, dual = clip
+    loss, m = grpo.grpo_loss(lp, old, adv, mask, z, ref_logp=ref_logp, eps_low=eps_low, eps_high=eps_high,
+                             dual_clip=dual, beta=beta, kl_estimator=kl, loss_agg=agg, max_len=10)
     lr = logp.clone().requires_grad_()
     ref = reference(lr, old, ref_logp, adv, mask, *clip, beta, kl, agg, 10)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -65,7 +67,7 @@ def test_ratio_one_gives_reinforce_with_baseline():
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
     adv = rewards - rewards.mean()  # REINFORCE with the group-mean baseline (Dr. GRPO advantage)
     lp = logp.clone().requires_grad_()
-    loss, m = grpo.grpo_loss(lp, lp.detach(), adv, mask, mask.sum(), loss_agg="dapo")
+    loss, m = grpo.grpo_loss(lp, lp.detach(), adv, mask, mask.sum(), loss_agg="token_mean")
     loss.backward()
     torch.testing.assert_close(float(m["ratio_mean"]), 1.0)
     expected = -(adv[:, None] * mask) / mask.sum()  # d/dlogp of -sum A logp / N
@@ -76,7 +78,7 @@ def test_entropy_bonus_lowers_loss_by_coef_times_entropy():
     logp, mask = rand_batch()
     ent = torch.rand(logp.shape)
     adv = torch.zeros(4)
-    loss, _ = grpo.grpo_loss(logp, logp, adv, mask, mask.sum(), entropy=ent, entropy_coef=0.01, loss_agg="dapo")
+    loss, _ = grpo.grpo_loss(logp, logp, adv, mask, mask.sum(), entropy=ent, entropy_coef=0.01, loss_agg="token_mean")
     torch.testing.assert_close(loss, -0.01 * (ent * mask).sum() / mask.sum())
 
 
@@ -91,15 +93,15 @@ def test_presets_and_explicit_override():
     import common
     a = common.parse_args(grpo.Args, ["--preset", "dapo", "--eps-high", "0.3"], {"preset": grpo.PRESETS,
                                                                                    "recipe": grpo.RECIPES})
-    assert (a.eps_high, a.loss_agg, a.dynamic_sampling, a.overlong_buffer_ratio) == (0.3, "dapo", True, 0.2)
+    assert (a.eps_high, a.loss_agg, a.dynamic_sampling, a.overlong_buffer_ratio) == (0.3, "token_mean", True, 0.2)
     a = common.parse_args(grpo.Args, ["--preset", "dr_grpo"], {"preset": grpo.PRESETS, "recipe": grpo.RECIPES})
-    assert (a.scale_rewards, a.loss_agg, a.beta) == ("none", "dr_grpo", 0.0)
+    assert (a.scale_rewards, a.loss_agg, a.beta) == ("none", "seq_mean_token_sum_norm", 0.0)
     a = common.parse_args(grpo.Args, ["--preset", "grpo", "--model", "Qwen/Qwen2.5-Math-1.5B"],
                           {"preset": grpo.PRESETS, "recipe": grpo.RECIPES})
-    assert (a.scale_rewards, a.loss_agg, a.beta, a.kl_estimator, a.lr) == ("group", "grpo", 0.04, "k3", 1e-6)
+    assert (a.scale_rewards, a.loss_agg, a.beta, a.kl_estimator, a.lr) == ("group", "seq_mean_token_mean", 0.04, "k3", 1e-6)
 
 
-@pytest.mark.parametrize("agg", ["dapo", "dr_grpo", "grpo"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum_norm", "seq_mean_token_mean"])
 def test_ddp2_x_accum2_equals_full_batch(tmp_path, agg):
     out = tmp_path / "r.json"
     torchrun(REPO / "tests" / "_ddp_loss_worker.py", "grpo", agg, out, timeout=300)

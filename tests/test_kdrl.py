@@ -13,11 +13,12 @@ import common
 
 kdrl = load_method("kdrl")
 # used by tests/_ddp_loss_worker.py: teacher log-probs = logp.detach() + aux; KD only on rows with a negative advantage
-DDP_ADAPTER = (lambda agg: kdrl.AGG[agg],
-               lambda m, o, b, z, agg, n_micro: m.kdrl_loss(
-                   o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"], b["loss_mask"], z,
-                   o["logp"].detach() + b["aux"], b["loss_mask"] * (b["advantages"] < 0).float()[:, None], 0.5,
-                   dual_clip=3.0, loss_agg=agg, max_len=20)[0])
+DDP_ADAPTER = (lambda agg: agg,
+               lambda m, o, b, z, agg, n_micro: m.kdrl_loss(o["logp"], o["logp"].detach() + b["old_shift"],
+                                                            b["advantages"], b["loss_mask"], z,
+                                                            teacher_logp=o["logp"].detach() + b["aux"],
+                                                            kd_mask=b["loss_mask"] * (b["advantages"] < 0).float()[:, None],
+                                                            beta=0.5, dual_clip=3.0, loss_agg=agg, max_len=20)[0])
 
 
 def reference(logp, old, adv, mask, t_logp, kd_mask, beta, est, eps, dual, agg, L, kd_norm):
@@ -37,9 +38,9 @@ def reference(logp, old, adv, mask, t_logp, kd_mask, beta, est, eps, dual, agg, 
             kd[i, t] = k * mask[i, t] * kd_mask[i, t]
 
     def agg_(v):
-        if agg == "dapo":
+        if agg == "token_mean":
             return v.sum() / mask.sum()
-        if agg == "grpo":
+        if agg == "seq_mean_token_mean":
             return sum(v[i].sum() / mask[i].sum() for i in range(B)) / B
         return sum(v[i].sum() / L for i in range(B)) / B  # dr_grpo
     if kd_norm == "all":
@@ -47,7 +48,7 @@ def reference(logp, old, adv, mask, t_logp, kd_mask, beta, est, eps, dual, agg, 
     return agg_(pg) + beta * kd.sum() / (mask * kd_mask).sum()
 
 
-@pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 @pytest.mark.parametrize("est", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("kd_norm", ["all", "kept"])
 def test_kdrl_loss_matches_reference(agg, est, kd_norm):
@@ -57,10 +58,12 @@ def test_kdrl_loss_matches_reference(agg, est, kd_norm):
     t_logp = logp + 0.5 * torch.randn(logp.shape, generator=g)
     adv = torch.tensor([1.5, -2.0, 0.7, -0.4])
     kd_mask = torch.tensor([1.0, 0.0, 1.0, 1.0])[:, None].expand_as(mask).clone()
-    z = mask.sum() if agg == "dapo" else torch.tensor(4.0)
+    z = mask.sum() if agg == "token_mean" else torch.tensor(4.0)
     kz = (mask * kd_mask).sum() if kd_norm == "kept" else None
     lp = logp.clone().requires_grad_()
-    loss, m = kdrl.kdrl_loss(lp, old, adv, mask, z, t_logp, kd_mask, 0.3, None, 0.2, 0.2, 3.0, est, 0.0, agg, 10, kz)
+    loss, m = kdrl.kdrl_loss(lp, old, adv, mask, z, teacher_logp=t_logp, kd_mask=kd_mask, beta=0.3, entropy=None,
+                             eps_low=0.2, eps_high=0.2, dual_clip=3.0, kl_estimator=est, entropy_coef=0.0,
+                             loss_agg=agg, max_len=10, kd_normalizer=kz)
     lr = logp.clone().requires_grad_()
     ref = reference(lr, old, adv, mask, t_logp, kd_mask, 0.3, est, 0.2, 3.0, agg, 10, kd_norm)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -75,9 +78,11 @@ def test_kd_term_is_zero_where_masked_and_beta_scales_it():
     logp, mask = rand_batch()
     t_logp = logp - 1.0
     adv = torch.zeros(4)
-    off, _ = kdrl.kdrl_loss(logp, logp, adv, mask, mask.sum(), t_logp, torch.zeros_like(mask), 0.5)
+    off, _ = kdrl.kdrl_loss(logp, logp, adv, mask, mask.sum(), teacher_logp=t_logp, kd_mask=torch.zeros_like(mask),
+                            beta=0.5)
     assert float(off) == 0.0
-    on, m = kdrl.kdrl_loss(logp, logp, adv, mask, mask.sum(), t_logp, torch.ones_like(mask), 0.5)
+    on, m = kdrl.kdrl_loss(logp, logp, adv, mask, mask.sum(), teacher_logp=t_logp, kd_mask=torch.ones_like(mask),
+                           beta=0.5)
     torch.testing.assert_close(on, torch.tensor(0.5 * 0.5))  # beta * mean(1/2 (logp - t_logp)^2) = 0.5 * 0.5
     assert float(m["kd"]) == pytest.approx(0.5)
 
@@ -91,8 +96,9 @@ def expected_grad(est, theta, teacher_logp):
         th = theta.detach().clone().requires_grad_()
         lp = torch.log_softmax(th, 0)[a].reshape(1, 1)
         one = torch.ones(1, 1)
-        loss, _ = kdrl.kdrl_loss(lp, lp.detach(), torch.zeros(1), one, one.sum(), teacher_logp[a].reshape(1, 1), one,
-                                 1.0, kd_estimator=est)  # zero advantage: only the KD term has a gradient
+        loss, _ = kdrl.kdrl_loss(lp, lp.detach(), torch.zeros(1), one, one.sum(),
+                                 teacher_logp=teacher_logp[a].reshape(1, 1), kd_mask=one, beta=1.0,
+                                 kl_estimator=est)  # zero advantage: only the KD term has a gradient
         loss.backward()
         total += probs[a] * th.grad
     return total
@@ -187,7 +193,7 @@ def test_teacher_mismatch_stops_the_script_before_training(tmp_path):
     assert "Traceback" not in p.stderr and not (tmp_path / "run" / "final").exists()
 
 
-@pytest.mark.parametrize("agg", ["dapo", "dr_grpo", "grpo"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum_norm", "seq_mean_token_mean"])
 def test_ddp2_x_accum2_equals_full_batch(tmp_path, agg):
     out = tmp_path / "r.json"
     torchrun(REPO / "tests" / "_ddp_loss_worker.py", "kdrl", agg, out, timeout=300)

@@ -22,9 +22,9 @@ dft = load_method("dft")
 # fixed "draw" per position (K = 1) and the batch's aux tensor fixes its reward (1 or beta). Sampling would differ
 # between a rank's micro-batch and the full batch; the aggregation and normalisation under test do not depend on it.
 DDP_ADAPTER = (lambda agg: agg,
-               lambda m, o, b, z, agg, n_micro: m.otr_loss(o["logp"][..., None],
-                                                           torch.where(b["aux"] > 0, 1.0, -0.1)[..., None],
-                                                           b["loss_mask"], z, agg)[0])
+               lambda m, o, b, z, agg, n_micro: m.otr_loss(o["logp"][..., None], b["loss_mask"], z,
+                                                           rewards=torch.where(b["aux"] > 0, 1.0, -0.1)[..., None],
+                                                           loss_agg=agg)[0])
 
 
 def reference(logp, rewards, mask, agg):
@@ -49,7 +49,7 @@ def test_otr_loss_matches_reference(agg, K):
     rewards = torch.where(torch.rand(logp.shape, generator=g) < 0.3, 1.0, -0.1)
     z = mask.sum() if agg == "token_mean" else torch.tensor(float(mask.shape[0]))
     lp = logp.clone().requires_grad_()
-    loss, m = otr.otr_loss(lp, rewards, mask, z, agg)
+    loss, m = otr.otr_loss(lp, mask, z, rewards=rewards, loss_agg=agg)
     lr = logp.clone().requires_grad_()
     ref = reference(lr, rewards, mask, agg)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
@@ -69,13 +69,14 @@ def otr_grad(h, W, targets, head):
     """d/dh of the per-token OTR losses summed over positions (otr_loss with a token sum)."""
     out = head(h, W, None, targets)
     N = targets.shape[0]
-    loss, _ = otr.otr_loss(out["logp"][None], out["rewards"][None], torch.ones(1, N), 1.0, "token_mean")
+    loss, _ = otr.otr_loss(out["logp"][None], torch.ones(1, N), 1.0, rewards=out["rewards"][None],
+                           loss_agg="token_mean")
     return torch.autograd.grad(loss, h)[0]
 
 
 def dft_grad(h, W, targets):
     logp = (h @ W.t()).log_softmax(-1).gather(1, targets[:, None])[:, 0]
-    loss, _ = dft.dft_loss(logp[None], torch.ones(1, targets.shape[0]), 1.0, "token_mean")
+    loss, _ = dft.dft_loss(logp[None], torch.ones(1, targets.shape[0]), 1.0, loss_agg="token_mean")
     return torch.autograd.grad(loss, h)[0]
 
 
@@ -164,7 +165,7 @@ def test_exact_head_in_fused_lm_matches_full_logits():
     kappa, beta = 1.3, -0.1
     naive_lm = copy.deepcopy(lm)
     o = FusedLM(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"], head=otr.otr_head(1, kappa, beta, True, None))
-    loss, _ = otr.otr_loss(o["logp"], o["rewards"], b["loss_mask"], torch.tensor(4.0))
+    loss, _ = otr.otr_loss(o["logp"], b["loss_mask"], torch.tensor(4.0), rewards=o["rewards"])
     logits = naive_lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                       position_ids=default_position_ids(b["attention_mask"])).logits[:, :-1].float()
     logp_all, q = logits.log_softmax(-1), (logits.detach() / kappa).softmax(-1)

@@ -16,29 +16,33 @@ import common
 prx = load_method("prefix_rft")
 # used by tests/_ddp_loss_worker.py: the "sequence" scope makes the loss split-invariant, so DDP x GA must equal the
 # full batch; aux plays the entropy (selection only) and marks the prefix (aux > 0 on response tokens)
-DDP_ADAPTER = (lambda agg: prx.AGG[agg],
-               lambda m, o, b, z, agg, n_micro: m.prefix_rft_loss(
-                   o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"], b["loss_mask"], z,
-                   (b["aux"] > 0).float() * b["loss_mask"], b["aux"].abs(), entropy_coef=0.0, loss_agg=agg,
-                   max_len=20, entropy_scope="sequence")[0])
+DDP_ADAPTER = (lambda agg: agg,
+               lambda m, o, b, z, agg, n_micro: m.prefix_rft_loss(o["logp"], o["logp"].detach() + b["old_shift"],
+                                                                  b["advantages"], b["loss_mask"], z,
+                                                                  prefix_mask=(b["aux"] > 0).float() * b["loss_mask"],
+                                                                  entropy=b["aux"].abs(), entropy_coef=0.0,
+                                                                  loss_agg=agg, max_len=20,
+                                                                  entropy_scope="sequence")[0])
 
 
-def kept_reference(entropy, prefix, keep_ratio, scope):
-    """Independent top-k: list the prefix positions in scope, sort by (entropy, position), drop int(n*(1-keep))."""
+def kept_reference(entropy, prefix, mask_ratio, scope):
+    """Independent top-k: list the prefix positions in scope, sort by (entropy, position), drop the first
+    int(n * mask_ratio) (official dp_actor.py: split_point = int(len(indices) * entropy_mask_ratio))."""
     B, T = prefix.shape
     pools = [[(i, t) for i in range(B) for t in range(T) if prefix[i, t]]] if scope == "batch" else \
         [[(i, t) for t in range(T) if prefix[i, t]] for i in range(B)]
     keep = set()
     for pool in pools:
         order = sorted(pool, key=lambda it: (float(entropy[it]), it[0] * T + it[1]))
-        keep.update(order[int(len(order) * (1 - keep_ratio)):])
+        keep.update(order[int(len(order) * mask_ratio):])
     return keep
 
 
-def reference(logp, old, adv, mask, prefix, entropy, eps, dual, ent_coef, agg, L, keep_ratio, scope):
-    """Prefix-RFT per-token loss (spec §3 'Math'), written from the equations with Python loops."""
+def reference(logp, old, adv, mask, prefix, entropy, eps, dual, ent_coef, agg, L, mask_ratio, scope):
+    """Prefix-RFT loss (spec §3 'Math'), written from the equations with Python loops; the entropy bonus is a token
+    mean whatever the policy aggregation (official dp_actor.py: entropy_coef * agg_loss(entropy, mask, "token-mean"))."""
     B, T = mask.shape
-    keep = kept_reference(entropy.detach(), prefix * mask, keep_ratio, scope)
+    keep = kept_reference(entropy.detach(), prefix * mask, mask_ratio, scope)
     out = torch.zeros(B, T)
     for i in range(B):
         for t in range(T):
@@ -47,15 +51,16 @@ def reference(logp, old, adv, mask, prefix, entropy, eps, dual, ent_coef, agg, L
             l = torch.max(-a * r, -a * torch.clamp(r, 1 - eps, 1 + eps))
             if dual is not None and a < 0:
                 l = torch.min(l, -a * dual)
-            out[i, t] = (l - ent_coef * entropy[i, t]) * mask[i, t]
-    if agg == "dapo":
-        return out.sum() / mask.sum()
-    if agg == "grpo":
-        return sum(out[i].sum() / mask[i].sum() for i in range(B)) / B
-    return sum(out[i].sum() / L for i in range(B)) / B  # dr_grpo: token sum / constant max length, mean over rows
+            out[i, t] = l * mask[i, t]
+    bonus = ent_coef * (entropy * mask).sum() / mask.sum()  # token mean over every response token
+    if agg == "token_mean":
+        return out.sum() / mask.sum() - bonus
+    if agg == "seq_mean_token_mean":
+        return sum(out[i].sum() / mask[i].sum() for i in range(B)) / B - bonus
+    return sum(out[i].sum() / L for i in range(B)) / B - bonus  # Dr. GRPO: token sum / constant L_max, mean over rows
 
 
-@pytest.mark.parametrize("agg", ["dr_grpo", "dapo", "grpo"])
+@pytest.mark.parametrize("agg", ["seq_mean_token_sum_norm", "token_mean", "seq_mean_token_mean"])
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
 @pytest.mark.parametrize("dual", [3.0, None])
 def test_prefix_rft_loss_matches_reference(agg, scope, dual):
@@ -68,12 +73,14 @@ def test_prefix_rft_loss_matches_reference(agg, scope, dual):
     prefix[1, :4] = 1
     entropy = torch.rand(logp.shape, generator=g) * 2
     adv = torch.tensor([1.5, -2.0, 0.7, -0.4])
-    z = mask.sum() if agg == "dapo" else torch.tensor(4.0)
+    z = mask.sum() if agg == "token_mean" else torch.tensor(4.0)
     lp, ent = logp.clone().requires_grad_(), entropy.clone().requires_grad_()
-    loss, m = prx.prefix_rft_loss(lp, old, adv, mask, z, prefix, ent, None, 0.2, 0.2, dual, 0.0, "k3", 0.01, agg,
-                                  12, 0.2, scope)
+    loss, m = prx.prefix_rft_loss(lp, old, adv, mask, z, prefix_mask=prefix, entropy=ent, ref_logp=None, eps_low=0.2,
+                                  eps_high=0.2, dual_clip=dual, beta=0.0, kl_estimator="k3", entropy_coef=0.01,
+                                  loss_agg=agg, max_len=12, entropy_mask_ratio=0.8, entropy_scope=scope,
+                                  token_normalizer=mask.sum())
     lr, er = logp.clone().requires_grad_(), entropy.clone().requires_grad_()
-    ref = reference(lr, old, adv, mask, prefix, er, 0.2, dual, 0.01, agg, 12, 0.2, scope)
+    ref = reference(lr, old, adv, mask, prefix, er, 0.2, dual, 0.01, agg, 12, 0.8, scope)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     loss.backward()
     ref.backward()
@@ -93,8 +100,8 @@ def test_dropped_prefix_tokens_get_no_policy_gradient_kept_ones_do():
     entropy = torch.arange(20.0).reshape(2, 10).flip(-1)  # row 0: entropies 9..0, the highest at t = 0, 1
     adv = torch.tensor([1.0, -1.0])
     lp = logp.clone().requires_grad_()
-    loss, _ = prx.prefix_rft_loss(lp, lp.detach(), adv, mask, torch.tensor(2.0), prefix, entropy, entropy_coef=0.0,
-                                  max_len=10)
+    loss, _ = prx.prefix_rft_loss(lp, lp.detach(), adv, mask, torch.tensor(2.0), prefix_mask=prefix, entropy=entropy,
+                                  entropy_coef=0.0, max_len=10)
     loss.backward()
     expected = torch.zeros(2, 10)
     expected[0, :2] = -1.0 / (2 * 10)
@@ -109,7 +116,7 @@ def test_entropy_mask_keeps_top_20_percent_sequence_scope(n):
     prefix = torch.zeros(3, 40, dtype=torch.bool)
     prefix[0, 3:3 + n] = True  # row 0: n prefix tokens, row 1: 10, row 2: none
     prefix[1, :10] = True
-    keep = prx.entropy_keep_mask(ent, prefix, 0.2, "sequence")
+    keep = prx.entropy_keep_mask(ent, prefix, 0.8, "sequence")
     assert not (keep & ~prefix).any()  # only prefix tokens are ever kept
     k0 = n - int(n * 0.8)  # the official split point
     assert k0 == math.ceil(0.2 * n)  # = ceil(20%) for these n
@@ -122,16 +129,47 @@ def test_entropy_mask_keeps_top_20_percent_sequence_scope(n):
 def test_entropy_mask_batch_scope_pools_the_micro_batch():
     ent = torch.tensor([[9.0, 1.0, 2.0, 3.0, 0.5, 7.0], [8.0, 4.0, 5.0, 6.0, 0.0, 0.0], [10.0, 11.0, 0.0, 0.0, 0, 0]])
     prefix = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]).bool()  # 9 prefix tokens
-    keep = prx.entropy_keep_mask(ent, prefix, 0.2, "batch")
+    keep = prx.entropy_keep_mask(ent, prefix, 0.8, "batch")
     # 9 - int(7.2) = 2 kept: the two highest prefix entropies (9 and 8), never the non-prefix 7, 10, 11
     assert keep.nonzero().tolist() == [[0, 0], [1, 0]]
-    seq = prx.entropy_keep_mask(ent, prefix, 0.2, "sequence")  # per row: 5 -> 1 kept (9), 4 -> 1 kept (8)
+    seq = prx.entropy_keep_mask(ent, prefix, 0.8, "sequence")  # per row: 5 -> 1 kept (9), 4 -> 1 kept (8)
     assert seq.nonzero().tolist() == [[0, 0], [1, 0]]
     ent[1, 2], ent[1, 3] = 9.7, 9.5  # row 1 now holds the two highest: batch scope keeps both, sequence one per row
-    assert prx.entropy_keep_mask(ent, prefix, 0.2, "batch").nonzero().tolist() == [[1, 2], [1, 3]]
-    assert prx.entropy_keep_mask(ent, prefix, 0.2, "sequence").nonzero().tolist() == [[0, 0], [1, 2]]
-    assert torch.equal(prx.entropy_keep_mask(ent, prefix, 1.0, "batch"), prefix)
+    assert prx.entropy_keep_mask(ent, prefix, 0.8, "batch").nonzero().tolist() == [[1, 2], [1, 3]]
+    assert prx.entropy_keep_mask(ent, prefix, 0.8, "sequence").nonzero().tolist() == [[0, 0], [1, 2]]
+    assert torch.equal(prx.entropy_keep_mask(ent, prefix, 0.0, "batch"), prefix)
     assert prx.entropy_keep_mask(ent, prefix, 0.5, "batch").sum() == 9 - int(9 * 0.5)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5, 0.8, 0.9, 1.0])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_entropy_mask_count_is_the_official_int_n_times_ratio(ratio, scope):
+    """Issue 17: with n prefix tokens the official code zeroes the advantage of int(n * entropy_mask_ratio) of them.
+    The old flag (keep = 1 - ratio, floor(n * (1 - keep))) kept one token too many for keep 0.2 at n = 5, 10, ..."""
+    for n in range(1, 41):
+        prefix = torch.zeros(1, 45)
+        prefix[0, 2:2 + n] = 1
+        ent = torch.rand(1, 45, generator=torch.Generator().manual_seed(n))
+        kept = prx.entropy_keep_mask(ent, prefix, ratio, scope)
+        assert int(kept.sum()) == n - int(n * ratio), (n, ratio)
+        # the kept ones are the highest-entropy prefix tokens
+        if 0 < int(kept.sum()) < n:
+            assert ent[kept.bool()].min() > ent[prefix.bool() & ~kept].max()
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_sum_norm", "seq_mean_token_mean"])
+def test_entropy_bonus_is_a_token_mean_whatever_the_loss_agg(agg):
+    """Issue 17: official dp_actor.py adds entropy_coef * agg_loss(entropy, response_mask, "token-mean"); folding the
+    entropy into the Dr. GRPO aggregation gave each token the weight c / (L_max B) instead of c / #tokens."""
+    logp, mask = rand_batch()
+    ent = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    adv = torch.zeros(4)  # no policy term: the loss is the entropy bonus alone
+    loss, _ = prx.prefix_rft_loss(logp, logp, adv, mask, torch.tensor(4.0), prefix_mask=torch.zeros_like(mask),
+                                  entropy=ent, token_normalizer=mask.sum(), entropy_coef=0.001, loss_agg=agg,
+                                  max_len=10)
+    torch.testing.assert_close(loss, -0.001 * (ent * mask).sum() / mask.sum())
+    loss.backward()
+    torch.testing.assert_close(ent.grad, -0.001 * mask / mask.sum())
 
 
 def test_cosine_low_schedule():
@@ -173,7 +211,7 @@ def test_regroup_keeps_groups_contiguous():
     (dict(num_prefix=8), "--num-prefix 8 must be between 1 and --num-generations - 1 = 7"),
     (dict(num_prefix=0), "--num-prefix 0 must be between 1"),
     (dict(prefix_high=1.2), "give values in [0, 1]"),
-    (dict(entropy_keep_ratio=0.0), "--entropy-keep-ratio 0.0 must be in (0, 1]"),
+    (dict(entropy_mask_ratio=1.5), "--entropy-mask-ratio 1.5 must be in [0, 1]"),
     (dict(prefix_beta_a=0.0), "--prefix-beta-a and --prefix-beta-b must be > 0"),
     (dict(min_prefix_len=-1), "--min-prefix-len >= 0"),
     (dict(prefix_decay_steps=-5), "--prefix-decay-steps >= 1"),
@@ -193,7 +231,7 @@ def test_bad_flag_stops_the_script_before_training(tmp_path):
 
 def test_ddp2_x_accum2_equals_full_batch(tmp_path):
     out = tmp_path / "r.json"
-    torchrun(REPO / "tests" / "_ddp_loss_worker.py", "prefix_rft", "dr_grpo", out, timeout=300)
+    torchrun(REPO / "tests" / "_ddp_loss_worker.py", "prefix_rft", "seq_mean_token_sum_norm", out, timeout=300)
     assert json.loads(out.read_text())["max_rel_diff"] < 1e-5
 
 

@@ -52,42 +52,42 @@ SPEC = {
                            batch_size=256),  # methods_a §4 (optimizer: "identical settings" to SFT)
     ("grpo", "paper"): dict(  # methods_a §3 DeepSeekMath defaults
         model="deepseek-ai/deepseek-math-7b-instruct", lr=1e-6, beta=0.04, kl_estimator="k3", num_generations=64,
-        max_new_tokens=1024, num_iterations=1, steps_per_generation=1, scale_rewards="group", loss_agg="grpo",
+        max_new_tokens=1024, num_iterations=1, steps_per_generation=1, scale_rewards="group", loss_agg="seq_mean_token_mean",
         eps_low=0.2, eps_high=0.2),
     ("grpo", "dr_grpo"): dict(  # methods_a §3 Dr. GRPO recipe (+ the rollout batch of examples/qwen2.5-math-7b.sh)
         model="Qwen/Qwen2.5-Math-7B", dataset="math_lvl3to5", lr=1e-6, beta=0.0, num_generations=8, temperature=1.0,
-        max_new_tokens=3000, num_iterations=1, eps_low=0.2, eps_high=0.2, scale_rewards="none", loss_agg="dr_grpo",
+        max_new_tokens=3000, num_iterations=1, eps_low=0.2, eps_high=0.2, scale_rewards="none", loss_agg="seq_mean_token_sum_norm",
         warmup_steps=0, prompts_per_step=128, steps_per_generation=8, system_prompt=common.PROMPTS["qwen_math"][:40]),
-    ("grpo", "dr_grpo_1.5b"): dict(model="Qwen/Qwen2.5-Math-1.5B", max_new_tokens=3000, loss_agg="dr_grpo"),
+    ("grpo", "dr_grpo_1.5b"): dict(model="Qwen/Qwen2.5-Math-1.5B", max_new_tokens=3000, loss_agg="seq_mean_token_sum_norm"),
     ("grpo", "dapo"): dict(  # methods_a §3 DAPO recipe
         model="Qwen/Qwen2.5-32B", dataset="dapo_math_17k", eps_low=0.2, eps_high=0.28, dynamic_sampling=True,
-        loss_agg="dapo", beta=0.0, lr=1e-6, warmup_steps=20, prompts_per_step=512, num_generations=16,
+        loss_agg="token_mean", beta=0.0, lr=1e-6, warmup_steps=20, prompts_per_step=512, num_generations=16,
         steps_per_generation=16, max_new_tokens=20480, overlong_buffer_ratio=0.2, overlong_penalty=1.0,
         temperature=1.0),
     ("chord", "paper"): dict(  # methods_b §2 (mix_chord.yaml, CHORD-phi row of the schedule table)
         model="Qwen/Qwen2.5-7B-Instruct", num_generations=8, prompts_per_step=32, expert_data_ratio=0.2,
         steps_per_generation=1, max_new_tokens=10240, lr=1e-6, mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1,
         mu_valley=0.1, sft_weighting="phi", beta=0.0, eps_low=0.2, eps_high=0.2, dual_clip=3.0, temperature=1.0,
-        max_grad_norm=1.0, entropy_coef=0.0, scale_rewards="group", loss_agg="dapo"),
+        max_grad_norm=1.0, entropy_coef=0.0, scale_rewards="group", loss_agg="token_mean"),
     ("chord", "mu"): dict(mu_warmup_steps=0, mu_decay_steps=200, mu_peak=0.9, mu_valley=0.05, sft_weighting="none",
                           model="Qwen/Qwen2.5-7B-Instruct"),  # methods_b §2, CHORD-mu row
     ("prefix_rft", "paper"): dict(  # methods_b §3 defaults
         dataset="openr1_46k", num_generations=8, num_prefix=1, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
-        entropy_coef=0.001, dual_clip=3.0, eps_low=0.2, eps_high=0.2, scale_rewards="none", loss_agg="dr_grpo",
-        prefix_high=0.95, prefix_low_start=0.95, prefix_low_end=0.05, entropy_keep_ratio=0.2, prefix_beta_a=1.0,
+        entropy_coef=0.001, dual_clip=3.0, eps_low=0.2, eps_high=0.2, scale_rewards="none", loss_agg="seq_mean_token_sum_norm",
+        prefix_high=0.95, prefix_low_start=0.95, prefix_low_end=0.05, entropy_mask_ratio=0.8, prefix_beta_a=1.0,
         prefix_beta_b=1.0),
     ("relift", "paper"): dict(  # methods_b §4 defaults (examples/math-7b/train.sh)
         model="RoadQAQ/Qwen2.5-Math-7B-16k-think", dataset="openr1_46k", num_generations=8, prompts_per_step=128,
         steps_per_generation=2, num_iterations=1, max_prompt_length=1024, max_new_tokens=8192, lr=1e-6,
         weight_decay=0.01, max_grad_norm=0.7, entropy_coef=0.001, clip=False, scale_rewards="none",
-        loss_agg="dr_grpo", beta=0.0, temperature=1.0, sft_buffer_size=128, sft_micro_batch_size=4, sft_lr=1e-6,
+        loss_agg="seq_mean_token_sum_norm", beta=0.0, temperature=1.0, sft_buffer_size=128, sft_micro_batch_size=4, sft_lr=1e-6,
         sft_max_grad_norm=1.0, sft_entropy_coef=1e-3),
     ("relift", "math_1.5b"): dict(model="RoadQAQ/Qwen2.5-Math-1.5B-16k-think", sft_micro_batch_size=2, lr=1e-6),
     ("relift", "qwen_7b"): dict(model="RoadQAQ/Qwen2.5-7B-think", sft_micro_batch_size=2),
     ("kdrl", "paper"): dict(  # methods_b §5 (secondary sources)
         model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", teacher="Skywork/Skywork-OR1-Math-7B", beta=5e-3,
-        beta_decay=5e-5, beta_min=1e-3, kd_estimator="k2", kd_mask="none", max_steps=280),
-    ("kdrl", "masking"): dict(kd_mask="response", kd_estimator="k2"),
+        beta_decay=5e-5, beta_min=1e-3, kl_estimator="k2", kd_mask="none", max_steps=280),
+    ("kdrl", "masking"): dict(kd_mask="response", kl_estimator="k2"),
 }
 
 

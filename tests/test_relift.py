@@ -26,15 +26,15 @@ def _ddp_loss(m, o, b, z, agg, n_micro):
     """The worker passes the normalizer of `agg`; the entropy bonus also needs the step's token count: the same
     global count main() all-reduces, taken from the worker's full batch and scaled like z (1 / world size)."""
     full = _worker_batch()
-    mode = relift.AGG[agg]
+    mode = agg
     z_tok = full["loss_mask"].sum() * z / relift.normalizer_count(full["loss_mask"], mode)
     ent = -o["logp"].exp() * o["logp"]  # a per-token stand-in for the entropy that carries a gradient
-    return m.relift_rl_loss(o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"], b["loss_mask"], z, ent,
-                            z_tok, entropy_coef=0.1, loss_agg=agg, max_len=20)[0]
+    return m.relift_rl_loss(o["logp"], o["logp"].detach() + b["old_shift"], b["advantages"], b["loss_mask"], z,
+                            entropy=ent, token_normalizer=z_tok, entropy_coef=0.1, loss_agg=agg, max_len=20)[0]
 
 
 # used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch)
-DDP_ADAPTER = (lambda agg: relift.AGG[agg], _ddp_loss)
+DDP_ADAPTER = (lambda agg: agg, _ddp_loss)
 
 
 def rl_reference(logp, old, adv, ent, mask, clip, agg, T_max, c_ent, eps=0.2):
@@ -50,12 +50,12 @@ def rl_reference(logp, old, adv, ent, mask, clip, agg, T_max, c_ent, eps=0.2):
             if clip:
                 l = torch.max(l, -adv[i] * torch.clamp(r, 1 - eps, 1 + eps))
             pg[i, t] = l * mask[i, t]
-    pg = pg.sum() / (T_max * B) if agg == "dr_grpo" else pg.sum() / mask.sum()
+    pg = pg.sum() / (T_max * B) if agg == "seq_mean_token_sum_norm" else pg.sum() / mask.sum()
     return pg - c_ent * (ent * mask).sum() / mask.sum()
 
 
 @pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("agg", ["dr_grpo", "dapo"])
+@pytest.mark.parametrize("agg", ["seq_mean_token_sum_norm", "token_mean"])
 def test_relift_rl_loss_matches_reference(clip, agg):
     logp, mask = rand_batch()
     g = torch.Generator().manual_seed(1)
@@ -64,9 +64,10 @@ def test_relift_rl_loss_matches_reference(clip, agg):
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
     adv = rewards - rewards.mean()  # no std (grpo_use_std=False)
     B = mask.shape[0]
-    z = torch.tensor(float(B)) if agg == "dr_grpo" else mask.sum()
+    z = torch.tensor(float(B)) if agg == "seq_mean_token_sum_norm" else mask.sum()
     lp, en = logp.clone().requires_grad_(), ent.clone().requires_grad_()
-    loss, m = relift.relift_rl_loss(lp, old, adv, mask, z, en, mask.sum(), clip, loss_agg=agg, max_len=10)
+    loss, m = relift.relift_rl_loss(lp, old, adv, mask, z, entropy=en, token_normalizer=mask.sum(), clip=clip,
+                                    loss_agg=agg, max_len=10)
     lr, er = logp.clone().requires_grad_(), ent.clone().requires_grad_()
     ref = rl_reference(lr, old, adv, er, mask, clip, agg, 10, 1e-3)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
@@ -83,7 +84,7 @@ def test_relift_sft_loss_matches_reference():
     logp, mask = rand_batch()
     ent = torch.rand(logp.shape, generator=torch.Generator().manual_seed(2))
     lp, en = logp.clone().requires_grad_(), ent.clone().requires_grad_()
-    loss, m = relift.relift_sft_loss(lp, en, mask, mask.sum(), 0.01)
+    loss, m = relift.relift_sft_loss(lp, mask, mask.sum(), entropy=en, entropy_coef=0.01)
     lr, er = logp.clone().requires_grad_(), ent.clone().requires_grad_()
     n = mask.sum()
     ref = -(lr * mask).sum() / n - 0.01 * (er * mask).sum() / n  # L_FT = NLL - alpha H, token means
@@ -110,7 +111,8 @@ def test_entropy_gradient_flows_through_the_fused_head():
         return [g.clone() for g in torch.autograd.grad(loss, list(lm.parameters()), retain_graph=True)]
 
     o = FusedLM(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)
-    g_fused = grads(relift.relift_sft_loss(o["logp"], o["entropy"], b["loss_mask"], b["loss_mask"].sum(), alpha)[0])
+    g_fused = grads(relift.relift_sft_loss(o["logp"], b["loss_mask"], b["loss_mask"].sum(), entropy=o["entropy"],
+                                           entropy_coef=alpha)[0])
     logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()[:, :-1]
     lsm = torch.log_softmax(logits, -1)  # position i-1 predicts token i
     logp = lsm.gather(-1, b["input_ids"][:, 1:, None])[..., 0]
@@ -155,7 +157,7 @@ def test_presets_and_defaults():
     presets = {"preset": relift.PRESETS, "recipe": relift.RECIPES}
     real = ["--model", "Qwen/Qwen2.5-Math-7B"]
     a = common.parse_args(relift.Args, real, presets)
-    assert (a.scale_rewards, a.clip, a.loss_agg, a.max_new_tokens, a.entropy_coef) == ("none", False, "dr_grpo", 8192,
+    assert (a.scale_rewards, a.clip, a.loss_agg, a.max_new_tokens, a.entropy_coef) == ("none", False, "seq_mean_token_sum_norm", 8192,
                                                                                         1e-3)
     assert (a.max_grad_norm, a.lr, a.prompts_per_step, a.num_generations, a.steps_per_generation) == (0.7, 1e-6, 128,
                                                                                                         8, 2)
@@ -166,7 +168,7 @@ def test_presets_and_defaults():
     assert (a.sft_buffer_size, a.max_steps, a.steps_per_generation) == (16, 150, 1)
 
 
-@pytest.mark.parametrize("agg", ["dr_grpo", "dapo"])
+@pytest.mark.parametrize("agg", ["seq_mean_token_sum_norm", "token_mean"])
 def test_ddp2_x_accum2_equals_full_batch(tmp_path, agg):
     out = tmp_path / "r.json"
     torchrun(REPO / "tests" / "_ddp_loss_worker.py", "relift", agg, out, timeout=300)

@@ -9,8 +9,8 @@ from tests_util import load_method, rand_batch
 
 sft = load_method("sft")
 # used by tests/_ddp_loss_worker.py: (aggregation mode for normalizer_count, loss of one micro-batch)
-DDP_ADAPTER = (lambda agg: "token_mean" if agg == "micro_token_mean" else agg,
-               lambda m, o, b, z, agg, n_micro: m.sft_loss(o["logp"], b["loss_mask"], z, agg, n_micro)[0])
+DDP_ADAPTER = (lambda agg: agg, lambda m, o, b, z, agg, n_micro: m.sft_loss(o["logp"], b["loss_mask"], z,
+                                                                           loss_agg=agg)[0])
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_sum"])
@@ -19,7 +19,7 @@ def test_sft_loss_matches_reference(agg):
     lp = logp.clone().requires_grad_()
     B = mask.shape[0]
     z = mask.sum() if agg == "token_mean" else torch.tensor(float(B))
-    loss, _ = sft.sft_loss(lp, mask, z, agg)
+    loss, _ = sft.sft_loss(lp, mask, z, loss_agg=agg)
     lr = logp.clone().requires_grad_()
     nll = -lr * mask
     ref = {"token_mean": nll.sum() / mask.sum(),
@@ -33,7 +33,8 @@ def test_sft_loss_matches_reference(agg):
 def test_micro_token_mean_is_the_legacy_formula():
     logp, mask = rand_batch()
     halves = [(logp[:2], mask[:2]), (logp[2:], mask[2:])]
-    loss = sum(sft.sft_loss(lp, m, None, "micro_token_mean", 2)[0] for lp, m in halves)
+    z = sum(sft.normalizer_count(m, "micro_token_mean") for _, m in halves)  # 2 micro-batches, as main() counts
+    loss = sum(sft.sft_loss(lp, m, z, loss_agg="micro_token_mean")[0] for lp, m in halves)
     ref = sum(-(lp * m).sum() / m.sum() for lp, m in halves) / 2
     torch.testing.assert_close(loss, ref)
     assert not torch.allclose(loss, -(logp * mask).sum() / mask.sum())  # differs from the global token mean
@@ -49,6 +50,14 @@ def test_ddp2_x_accum2_equals_full_batch(tmp_path, agg, equal):
         assert rel < 1e-5, rel
     else:  # the pre-fix GA behaviour weights tokens by micro-batch size: the gradient is demonstrably different
         assert rel > 1e-2, rel
+
+
+def test_micro_token_mean_runs_end_to_end(tmp_path):
+    """Issue 17: `sft.py --loss-agg micro_token_mean` crashed at step 1 (normalizer_count did not know the mode)."""
+    run_method("sft", "--loss-agg", "micro_token_mean", "--grad-accum", 2, "--max-steps", 2, "--batch-size", 8,
+               "--eval-size", 4, "--eval-every", 0, "--save-every", 0, "--output-dir", tmp_path, "--quiet")
+    rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec if "train/loss" in r] == [1, 2]
 
 
 @pytest.mark.slow

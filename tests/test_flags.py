@@ -1,0 +1,29 @@
+"""The flag matrix (issue 17): for every method file, every choice of every Literal flag, every preset, variant and
+recipe, and every boolean switch runs two optimizer steps on the embedded default, or is refused before training
+with one `error: ...` line, never a traceback. The cases come from the Args dataclasses and the tables
+(tests/_flag_matrix_worker.py `cases`), so a new flag is covered without editing this test."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+# refusals that are right on this machine: the choice needs something a CPU test machine does not have
+EXPECTED_REFUSALS = {"generator=vllm": "needs vLLM"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "dft", "otr", "grpo", "chord", "prefix_rft", "relift", "kdrl"])
+def test_every_documented_choice_trains_or_is_refused_in_one_line(tmp_path, method):
+    out = tmp_path / "matrix.json"
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "_flag_matrix_worker.py"), method, str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0 and out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads(out.read_text())
+    crashed = {k: v["detail"] for k, v in results.items() if v["status"] == "crashed"}
+    assert not crashed, "\n\n".join(f"{k} ({' '.join(results[k]['flags'])}):\n{d}" for k, d in crashed.items())
+    refused = {k: v["detail"] for k, v in results.items() if v["status"] == "refused"}
+    unexpected = {k: d for k, d in refused.items() if EXPECTED_REFUSALS.get(k, "\0") not in d}
+    assert not unexpected, unexpected
+    assert results["default"]["status"] == "ok" and len(results) >= 15
