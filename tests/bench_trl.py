@@ -47,6 +47,9 @@ sys.path.insert(0, str(REPO / "tests"))
 TARGETS = {"sft_tokens_per_s": 1.3, "grpo_step_s": 0.67, "peak_mb": 1.0}  # issue 11: ours/TRL >= 1.3, <= 0.67, <= 1
 
 
+OUR_AGG = {"dapo": "token_mean", "grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm"}  # TRL -> ours
+TRL_LOSS_TYPE = {v: k for k, v in OUR_AGG.items()}
+
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="any causal LM; default: embedded for SFT, embedded:warm for GRPO")
@@ -76,7 +79,7 @@ def our_argv(kind, a, seed):
             "--eval-samples", "0", "--save-every", "0", "--quiet", "--seed", str(seed)]
     if kind == "sft":
         return argv + ["--max-steps", str(a.sft_steps)]
-    return argv + ["--max-steps", str(a.grpo_steps), "--loss-agg", a.loss_type]
+    return argv + ["--max-steps", str(a.grpo_steps), "--loss-agg", OUR_AGG[a.loss_type]]
 
 
 def resolved(kind, argv):
@@ -225,7 +228,7 @@ def trl_worker(kind, cfg):
         conf = GRPOConfig(per_device_train_batch_size=a["prompts_per_step"] * G // a["grad_accum"],
                           num_generations=G, steps_per_generation=a["steps_per_generation"] * a["grad_accum"],
                           num_iterations=a["num_iterations"], max_completion_length=a["max_new_tokens"],
-                          temperature=a["temperature"], top_p=a["top_p"], top_k=0, loss_type=a["loss_agg"],
+                          temperature=a["temperature"], top_p=a["top_p"], top_k=0, loss_type=TRL_LOSS_TYPE[a["loss_agg"]],
                           scale_rewards=a["scale_rewards"], beta=a["beta"], epsilon=a["eps_low"],
                           epsilon_high=a["eps_high"], mask_truncated_completions=a["mask_truncated"],
                           lr_scheduler_type="constant_with_warmup" if a["warmup_steps"] else "constant",
