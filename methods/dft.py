@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from kernels.advantage import aggregate, normalizer_count  # noqa: E402
-from kernels.logprob import FusedLM, full_vocab_kl, fused_logprobs, response_hidden  # noqa: E402
+from kernels.engine import FusedLM, response_hidden  # noqa: E402
+from kernels.logprob import full_vocab_kl, fused_logprobs  # noqa: E402
 
 
 @dataclass

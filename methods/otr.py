@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from kernels.advantage import aggregate, normalizer_count  # noqa: E402
-from kernels.logprob import FusedLM, expected_reward_logprob, fused_logprobs, sample_tokens  # noqa: E402
+from kernels.engine import FusedLM  # noqa: E402
+from kernels.logprob import expected_reward_logprob, fused_logprobs, sample_tokens  # noqa: E402
 
 
 @dataclass

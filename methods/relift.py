@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
                                reward_moments)  # noqa: E402
-from kernels.logprob import FusedLM  # noqa: E402
+from kernels.engine import FusedLM  # noqa: E402
 
 
 @dataclass

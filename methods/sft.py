@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from kernels.advantage import aggregate, normalizer_count  # noqa: E402
-from kernels.logprob import FusedLM  # noqa: E402
+from kernels.engine import FusedLM  # noqa: E402
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from kernels.advantage import aggregate, normalizer_count  # noqa: E402
-from kernels.logprob import FusedLM  # noqa: E402
+from kernels.engine import FusedLM  # noqa: E402
 
 
 def build(tied: bool) -> torch.nn.Module:

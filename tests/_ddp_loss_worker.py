@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 from kernels.advantage import normalizer_count  # noqa: E402
-from kernels.logprob import FusedLM  # noqa: E402
+from kernels.engine import FusedLM  # noqa: E402
 
 
 def make_batch(vocab, n=8, seed=0):

@@ -132,7 +132,7 @@ def test_math_verify_reward():
 
 
 def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok):
-    from kernels.logprob import FusedLM
+    from kernels.engine import FusedLM
     d = common.Dist()
     model = FusedLM(common.load_model(tiny_dir))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

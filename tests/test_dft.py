@@ -11,7 +11,7 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 import common  # noqa: E402  (tests_util puts the repository root on sys.path)
-from kernels.logprob import FusedLM, default_position_ids  # noqa: E402
+from kernels.engine import FusedLM, default_position_ids  # noqa: E402
 
 dft = load_method("dft")
 

@@ -14,9 +14,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from kernels.engine import FusedLM, default_position_ids, response_hidden  # noqa: E402
 from kernels.logprob import (  # noqa: E402
-    FusedLM,
-    default_position_ids,
     expected_reward_logprob,
     full_vocab_kl,
     fused_logprobs,
@@ -24,7 +23,6 @@ from kernels.logprob import (  # noqa: E402
     naive_full_vocab_kl,
     naive_logprobs,
     naive_sample_tokens,
-    response_hidden,
     sample_tokens,
 )
 
@@ -456,7 +454,7 @@ def ragged_batch(B=19, L=23, V=50, seed=3):
 def test_packed_pass_equals_padded_pass(checkpointing):
     """FusedLM's padding-free pass (used: the probe says so, and the groups are several) gives the log-probs and
     gradients of plain full logits on a padded batch, with and without gradient checkpointing."""
-    from kernels import logprob as K
+    from kernels import engine as K
     ids, am, lmask = ragged_batch()
     lm_ref = tiny_qwen2(tied=False)
     lp_r, ent_r = reference(lm_ref, ids, am, lmask, 0.8)
@@ -490,7 +488,7 @@ def test_packed_pass_equals_padded_pass(checkpointing):
 
 def test_packing_off_for_sliding_windows_and_eager_attention():
     """Layers with sliding windows or a non-default attention implementation keep the padded passes."""
-    from kernels.logprob import _packing_ok
+    from kernels.engine import _packing_ok
     ids, am, lmask = ragged_batch(B=6, seed=4)
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -508,7 +506,7 @@ def test_packing_off_for_sliding_windows_and_eager_attention():
 def test_packing_probe_catches_a_wrong_packed_attention(broken):
     """The one-time probe compares the packed passes with a plain one: a packed attention that is wrong (not causal;
     or ignoring the shared context) turns packing off for the model, and FusedLM stays exact."""
-    from kernels import logprob as K
+    from kernels import engine as K
     original = K._packed_attention
 
     def wrong(module, query, key, value, attention_mask, dropout=0.0, scaling=None, spans=(), context=None, **kw):
@@ -529,7 +527,7 @@ def test_packing_probe_catches_a_wrong_packed_attention(broken):
 
 
 def test_length_groups_is_optimal():
-    from kernels.logprob import _length_groups
+    from kernels.engine import _length_groups
     assert _length_groups([8, 8, 2, 2, 2, 2], group_cost=4) == [(0, 2), (2, 6)]  # 16 + 8 + 2 x 4 < 48 + 4
     assert _length_groups([8, 8, 7, 2], group_cost=100) == [(0, 4)]
     g = torch.Generator().manual_seed(0)
@@ -590,7 +588,7 @@ def test_fusedlm_partial_passes_equal_one_plain_pass(layout):
     (full logits, log-softmax, gather) on batches that exercise each path: 8 prompts x G=8 completions of ragged
     lengths (64 rows, so the grouping runs), rows with no target at all, and left padding."""
     import common
-    from kernels.logprob import FusedLM
+    from kernels.engine import FusedLM
     tok = common.build_embedded_tokenizer()
     torch.manual_seed(0)
     lm = common.build_embedded_model(tok).float()

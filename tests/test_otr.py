@@ -12,7 +12,8 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 import common  # noqa: E402  (tests_util puts the repository root on sys.path)
-from kernels.logprob import FusedLM, default_position_ids, sample_tokens  # noqa: E402
+from kernels.engine import FusedLM, default_position_ids  # noqa: E402
+from kernels.logprob import sample_tokens  # noqa: E402
 
 otr = load_method("otr")
 dft = load_method("dft")

@@ -99,7 +99,7 @@ def test_entropy_gradient_flows_through_the_fused_head():
     """The fine-tuning loss on FusedLM(with_entropy=True) has the gradient of the same loss written with full
     logits, log_softmax and -sum p log p: the fused kernel differentiates the entropy term."""
     import common
-    from kernels.logprob import FusedLM
+    from kernels.engine import FusedLM
     tok = common.build_embedded_tokenizer()
     torch.manual_seed(0)
     lm = common.build_embedded_model(tok).float()
