@@ -29,8 +29,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernels.norm import fuse_rmsnorm
-
 REPO = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("POSTRAIN_CACHE", REPO / ".cache"))
 
@@ -405,7 +403,6 @@ def load_model(path, dtype="float32", trust_remote_code=False, gradient_checkpoi
     _check_model_path(path)
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    fuse_rmsnorm(model)  # kernels/norm.py: the same RMSNorm with a hand-written backward (issue 11)
     if gradient_checkpointing:
         # activation_checkpointing_enable: the name since transformers 5.2x (the old one warns); same arguments
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

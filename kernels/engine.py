@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from kernels.logprob import _spans, fused_logprobs
+from kernels.norm import fuse_rmsnorm
 
 __all__ = ["FusedLM", "response_hidden", "target_positions", "default_position_ids"]
 
@@ -449,9 +450,16 @@ class FusedLM(torch.nn.Module):
     forward.  If the config applies soft-capping or a logit scale after lm_head, the
     forward falls back to `lm(...)` logits with a per-chunk fp32 log-softmax (and a
     warning); `head=` is then unavailable.
+
+    fast=True (every method's --fast-paths, the default) changes the model, once, here: the RMSNorm modules get
+    kernels/norm.py's forward where a probe shows it reproduces theirs, and the padding-free pass is probed now
+    (it then wraps transformers' global "sdpa" attention entry, see the module docstring). `summary` says what
+    was decided; the method files print it at start-up. fast=False leaves the model's modules and the global
+    attention registry untouched and runs plain padded passes.
     """
 
-    def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024, vocab_chunk_size: int | None = None):
+    def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024, vocab_chunk_size: int | None = None,
+                 fast: bool = True):
         super().__init__()
         self.lm = lm
         self.chunk_size = int(chunk_size)
@@ -459,6 +467,15 @@ class FusedLM(torch.nn.Module):
         self.unfused_reason = _unfusable_reason(lm.config)
         if lm.get_output_embeddings() is None:
             raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head)")
+        if not fast:
+            lm._postrain_packing_ok = False  # never probed, never registered: padded passes
+            self.summary = "fast paths off (--no-fast-paths): the model's own RMSNorm, padded passes"
+            return
+        norms = fuse_rmsnorm(lm)
+        packed = _packing_ok(lm)
+        self.summary = (f"fast paths: RMSNorm kernel in {norms} modules; padding-free passes "
+                        + ("on (probe passed)" if packed else "off (not plain SDPA full attention, dropout on, or "
+                                                              "the probe disagreed): padded passes"))
 
     def hidden_for(self, input_ids, attention_mask, loss_mask, position_ids=None):
         """`response_hidden` of the wrapped model."""

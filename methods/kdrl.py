@@ -124,6 +124,7 @@ class Args:
     bf16: bool = False  # bf16 autocast on CUDA
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
     gradient_checkpointing: bool = False  # recompute activations in backward
+    fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
     output_dir: str = "runs/kdrl"  # metrics.jsonl, config.json, checkpoints
     eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
@@ -307,8 +308,10 @@ def main():
 
     # 2. models: policy (fused log-prob head), frozen teacher, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
-    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
-    teacher = FusedLM(common.load_model(teacher_path, args.dtype, args.trust_remote_code, device=d.device)).eval()
+    fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
+    model = common.wrap_model(fused, d, args.fsdp)
+    teacher = FusedLM(common.load_model(teacher_path, args.dtype, args.trust_remote_code, device=d.device),
+                      fast=args.fast_paths).eval()
     teacher.requires_grad_(False)  # kdrl: the teacher replaces grpo's reference model
     engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
@@ -324,6 +327,7 @@ def main():
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[kdrl] {len(train)} prompts, {len(evalset)} held-out, G={G}, teacher {args.teacher}, "
               f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    log.print(f"[kdrl] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 

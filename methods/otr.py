@@ -83,6 +83,7 @@ class Args:
     bf16: bool = False  # bf16 autocast on CUDA (DFT paper trains in bf16)
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
     gradient_checkpointing: bool = False  # recompute activations in backward
+    fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
     output_dir: str = "runs/otr"  # metrics.jsonl, config.json, checkpoints
     eval_every: int = 100  # steps between held-out evaluations (0: only at start and end)
@@ -205,7 +206,8 @@ def main():
 
     # 2. model, optimizer, schedule (FusedLM: the log-softmax over the vocabulary is fused and chunked)
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
-    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
+    fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
+    model = common.wrap_model(fused, d, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, "cosine")
@@ -216,6 +218,7 @@ def main():
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[otr] {len(train)} demonstrations, {len(evalset)} held-out, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    log.print(f"[otr] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):

@@ -133,6 +133,7 @@ class Args:
     bf16: bool = False  # bf16 autocast on CUDA
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
     gradient_checkpointing: bool = False  # recompute activations in backward
+    fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
     output_dir: str = "runs/prefix_rft"  # metrics.jsonl, config.json, checkpoints
     eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
@@ -343,8 +344,10 @@ def main():
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
-    model = common.wrap_model(FusedLM(lm), d, args.fsdp)
-    ref = FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code)).eval() if args.beta > 0 else None
+    fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
+    model = common.wrap_model(fused, d, args.fsdp)
+    ref = (FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
+                   fast=args.fast_paths).eval() if args.beta > 0 else None)
     engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
@@ -359,6 +362,7 @@ def main():
     log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
     log.print(f"[prefix_rft] {len(train)} prompts with demonstrations, {len(evalset)} held-out, G={G} ({H} hybrid), "
               f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    log.print(f"[prefix_rft] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 

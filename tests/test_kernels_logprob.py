@@ -630,3 +630,40 @@ def test_fusedlm_partial_passes_equal_one_plain_pass(layout):
             assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
             continue
         assert rel_err(a, b) < 1e-4
+
+
+FAST_OFF = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import common
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from kernels.engine import FusedLM
+lm = common.load_model({path!r})
+fused = FusedLM(lm, fast=False)
+b = common.collate([([5, 6, 7], [8, 9, 10, 11]), ([5, 6], [8, 9])], 0)
+o = fused(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)
+(o["logp"].sum() + o["entropy"].sum()).backward()
+assert not any("forward" in m.__dict__ for m in lm.modules()), "a module's forward was swapped"
+assert getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "postrain_wraps", None) is None, "the global sdpa entry was wrapped"
+fast = FusedLM(common.load_model({path!r}))
+o2 = fast(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)
+assert getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "postrain_wraps", None) is not None
+torch.testing.assert_close(o2["logp"], o["logp"], rtol=1e-5, atol=1e-5)
+print(fused.summary); print(fast.summary)
+"""
+
+
+def test_fast_paths_off_changes_no_module_and_no_global_state(tmp_path):
+    """Issue 20: every change to model or global state is one visible call (FusedLM(lm, fast=...) in each method's
+    model setup, --fast-paths), printed at start-up; with fast=False the model's modules and transformers' attention
+    registry stay as loaded (checked in a fresh process, where nothing else has registered anything)."""
+    import subprocess
+    import sys
+    import common
+    path = common.resolve_model("embedded")
+    p = subprocess.run([sys.executable, "-c", FAST_OFF.format(repo=str(REPO), path=str(path))], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    off, on = p.stdout.strip().splitlines()[-2:]
+    assert off.startswith("fast paths off")
+    assert "RMSNorm kernel in 9 modules" in on and "padding-free passes on (probe passed)" in on
