@@ -1,12 +1,9 @@
 """Helpers shared by the tests (not a test module)."""
 import importlib.util
 import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from conftest import REPO  # conftest.py is the one place that puts the repository on the import path
 
 
 def load_method(name):
