@@ -121,8 +121,9 @@ class Args:
     save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
     resume: bool = False  # continue from the latest complete checkpoint in --output-dir
-    overwrite: bool = False  # delete a previous run in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir (with --resume: continue it although flags that change its trajectory differ)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    dist_timeout: float = 1800.0  # seconds a collective may wait for another rank before the job stops (torch default 30 min)
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
     dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
@@ -270,7 +271,7 @@ def main():
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args, frozen=[args.model] if args.beta > 0 else [])  # the reference model
     # 1. setup: process group, output directory, tokenizer, prompts and reward
-    d = common.setup_distributed(args.seed)
+    d = common.setup_distributed(args.seed, args.dist_timeout)
     if args.sft_buffer_size != -1 and (args.sft_buffer_size < 1 or args.sft_buffer_size % d.world_size):  # ReLIFT
         raise common.UserError(f"--sft-buffer-size {args.sft_buffer_size} must be -1 (plain RL) or a positive "
                                f"multiple of the world size {d.world_size} (every rank fine-tunes on an equal share)")

@@ -26,17 +26,40 @@ def metrics(path):
     return out
 
 
-def kill_after_checkpoint(method, args, out, ckpt):
-    """Start a run, SIGKILL it as soon as `ckpt` is complete (mid-run), return nothing."""
+def kill_when(method, args, out, ready, may_finish=False):
+    """Start a run, SIGKILL it as soon as `ready(out)` is true; returns its stdout (what it printed until then).
+    may_finish: the run may end by itself before it is killed (a kill after its last row is as good as the end)."""
     cmd = [sys.executable, str(REPO / "methods" / f"{method}.py"), *map(str, args), "--output-dir", str(out)]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / ckpt / "COMPLETE").exists():
-        assert p.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    log = out.parent / f"{out.name}.stdout"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not ready(out):
+            if p.poll() is not None:
+                assert may_finish, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+                break
+            assert time.time() < deadline
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    return log.read_text()
+
+
+def kill_after_checkpoint(method, args, out, ckpt):
+    """Start a run, SIGKILL it as soon as `ckpt` is complete (mid-run)."""
+    kill_when(method, args, out, lambda o: (o / ckpt / "COMPLETE").exists())
+
+
+def rows(out):
+    """The metrics rows written so far, as (step, kind) pairs (a partial last line is ignored)."""
+    keys = []
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        keys.append((rec["step"], "eval" if any(k.startswith("eval/") for k in rec) else "train"))
+    return keys
 
 
 @pytest.mark.slow
@@ -49,6 +72,41 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, method, args, ckpt):
     assert killed != metrics(tmp_path / "a")  # it really was interrupted
     run_method(method, *args, "--output-dir", tmp_path / "b", "--resume")
     assert metrics(tmp_path / "b") == metrics(tmp_path / "a")
+
+
+# eval rows at steps 0, 3, 6 and 8 (final); checkpoints at 4 and 8; greedy evaluation only, short generations
+TINY = ["--max-steps", 8, "--save-every", 4, "--eval-every", 3, "--eval-size", 8, "--batch-size", 8, "--keep-last", 5,
+        "--eval-samples", 0, "--max-new-tokens", 8, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted tiny SFT run, shared by the resume tests below (they copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("ref") / "a"
+    run_method("sft", *TINY, "--output-dir", out)
+    assert rows(out) == [(0, "eval"), (1, "train"), (2, "train"), (3, "train"), (3, "eval"), (4, "train"),
+                         (5, "train"), (6, "train"), (6, "eval"), (7, "train"), (8, "train"), (8, "eval")]
+    return out
+
+
+@pytest.mark.slow
+def test_log_exact_after_kills_before_first_checkpoint_mid_run_and_after_final_eval(tmp_path, reference):
+    """The whole metrics.jsonl (timings aside) after SIGKILLs at three moments, each followed by --resume, equals the
+    uninterrupted run's row for row: no evaluation row is written twice, none is lost."""
+    b = tmp_path / "b"
+    # 1. before the first checkpoint: the step-0 evaluation is logged, no checkpoint is complete yet
+    kill_when("sft", [*TINY, "--resume"], b, lambda o: (0, "eval") in rows(o))
+    assert not common.list_checkpoints(b, quiet=True) and rows(b)[0] == (0, "eval")
+    # 2. mid-run: right after checkpoint-4 is complete (resumed from nothing: it says it starts fresh)
+    out = kill_when("sft", [*TINY, "--resume"], b, lambda o: (o / "checkpoint-0000004" / "COMPLETE").exists())
+    assert "[resume] no complete checkpoint in" in out and "starting fresh from step 0" in out
+    assert rows(b).count((0, "eval")) == 1 and (8, "eval") not in rows(b)
+    # 3. after the final evaluation is logged (while final/ is written, or just after the run ended)
+    out = kill_when("sft", [*TINY, "--resume"], b, lambda o: (8, "eval") in rows(o), may_finish=True)
+    assert "resumed from checkpoint-0000004" in out
+    p = run_method("sft", *TINY, "--resume", "--output-dir", b)
+    assert "resumed from checkpoint-0000008" in p.stdout and (b / "final" / "COMPLETE").exists()
+    assert metrics(b) == metrics(reference)
 
 
 @pytest.mark.slow
