@@ -1033,7 +1033,7 @@ def _check_resume(args, out, d):
         raise UserError(f"--resume with flags that change the run's trajectory ({show(fatal)}, against "
                         f"{out / 'config.json'}); pass them as before, add --overwrite to continue with the new "
                         "values anyway, or choose another --output-dir")
-    shown = {k: c for k, c in changed.items() if k not in ("resume", "overwrite")}
+    shown = {k: c for k, c in changed.items() if k not in ("resume", "overwrite", "output_dir")}  # (a moved run)
     if shown and d.is_main:
         print(f"[resume] flags changed since the run started, applied: {show(shown)}", flush=True)
     return old.get("resumed_with_changes", []) + ([{k: list(c) for k, c in shown.items()}] if shown else [])

@@ -1,12 +1,16 @@
 """Resume after SIGKILL equals the uninterrupted run; same seed, same metrics; NaN stops the run with the last
 checkpoint intact; bad flags stop before training with one clear sentence."""
 import json
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import REPO, run_method
 
 import common
@@ -210,3 +214,161 @@ def test_fsdp2_run_equals_ddp_run(tmp_path, method, args):
     assert len(runs["fsdp"]) == len(runs["ddp"]) and sum("train/grad_norm" in r for r in runs["ddp"]) == 3
     for a, b in zip(runs["fsdp"], runs["ddp"]):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])) for k in a), (a, b)
+
+
+def damage(ckpt, how):
+    """What a crash, a full disk or a bad copy leaves in a checkpoint directory."""
+    if how == "truncated model.safetensors":
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how.startswith("missing "):
+        (ckpt / how.split()[1]).unlink()
+    elif how == "random bytes in trainer_state.pt":
+        (ckpt / "trainer_state.pt").write_bytes(random.Random(0).randbytes(5000))
+    elif how == "same-size random bytes in trainer_state.pt":
+        f = ckpt / "trainer_state.pt"
+        f.write_bytes(random.Random(0).randbytes(f.stat().st_size))
+    elif how == "bad state.json":
+        (ckpt / "state.json").write_text('{"step": ')
+
+
+DAMAGE = {"truncated model.safetensors": "model.safetensors is truncated or altered",
+          "missing state.json": "state.json is missing", "missing trainer_state.pt": "trainer_state.pt is missing",
+          "random bytes in trainer_state.pt": "trainer_state.pt is truncated or altered",
+          "same-size random bytes in trainer_state.pt": "trainer_state.pt is not a readable torch file",
+          "bad state.json": "state.json is truncated or altered"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", DAMAGE)
+def test_resume_walks_back_past_a_damaged_checkpoint(tmp_path, reference, capsys, how):
+    """The newest checkpoint damaged: --resume takes the one before it, with a warning naming what is wrong."""
+    for name in ("checkpoint-0000004", "checkpoint-0000008"):
+        shutil.copytree(reference / name, tmp_path / name)
+    damage(tmp_path / "checkpoint-0000008", how)
+    got = common.latest_checkpoint(SimpleNamespace(resume=True, output_dir=str(tmp_path)))
+    err = capsys.readouterr().err
+    assert got == tmp_path / "checkpoint-0000004", err
+    assert f"warning: skipping damaged checkpoint {tmp_path / 'checkpoint-0000008'}: {DAMAGE[how]}" in err
+
+
+@pytest.mark.slow
+def test_damaged_payload_stops_with_message_and_resume_after_damage_is_exact(tmp_path, reference):
+    """A damaged tensor payload of the right size passes the cheap checks: load_checkpoint reads every file before
+    it changes anything and stops with one sentence. End to end: a truncated newest checkpoint, --resume continues
+    from the one before it and the log equals the uninterrupted run's."""
+    from kernels.logprob import FusedLM
+    ck = tmp_path / "checkpoint-0000004"
+    shutil.copytree(reference / ck.name, ck)
+    f = ck / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    data[8 + n:] = random.Random(0).randbytes(len(data) - 8 - n)  # weights -> random bytes, some NaN
+    f.write_bytes(bytes(data))
+    assert common.checkpoint_problem(ck) is None  # same size, valid header: not caught without reading it
+    (ck / "trainer_state.pt").write_bytes(b"PK" + random.Random(1).randbytes(100))
+    model = FusedLM(common.load_model(str(reference / "checkpoint-0000008")))
+    opt = torch.optim.AdamW(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(common.UserError, match="checkpoint .*checkpoint-0000004 is damaged .*delete it and run again "
+                                               "with --resume to continue from the one before it"):
+        common.load_checkpoint(ck, model, [opt], [], common.Dist())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing half-restored
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("final"))
+    damage(run / "checkpoint-0000008", "truncated model.safetensors")
+    p = run_method("sft", *TINY, "--resume", "--output-dir", run)
+    assert "warning: skipping damaged checkpoint" in p.stderr and "resumed from checkpoint-0000004" in p.stdout
+    assert metrics(run) == metrics(reference)
+
+
+def test_pruning_removes_the_marker_first(tmp_path, monkeypatch):
+    """keep_last deletes the COMPLETE marker before the files: a deletion killed midway leaves a directory that is
+    skipped as incomplete, never one marked complete with files missing."""
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-000000{step}").mkdir()
+        (tmp_path / f"checkpoint-000000{step}" / "COMPLETE").write_text("{}")
+    seen = []
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: seen.append((p / "COMPLETE").exists()))  # killed here
+    common._remove_checkpoint(tmp_path / "checkpoint-0000001")
+    assert seen == [False] and common.list_checkpoints(tmp_path, quiet=True) == [tmp_path / "checkpoint-0000002"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_method_and_changed_trajectory_flags(tmp_path, reference):
+    """--resume on another method's run, or with a flag that changes the trajectory, stops with one line before
+    anything is loaded; --overwrite with --resume continues anyway; flags that may change are applied and logged."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    p = run_method("grpo", "--resume", "--output-dir", run, "--quiet", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: --resume: '{run}' holds a sft.py run, not a grpo.py one; choose another --output-dir, or pass "
+        "--overwrite without --resume to delete it and start over")
+    p = run_method("sft", *TINY, "--resume", "--output-dir", run, "--lr", "0.01", "--seed", "3", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: --resume with flags that change the run's trajectory (--lr 0.003 -> 0.01, --seed 0 -> 3, against "
+        f"{run / 'config.json'}); pass them as before, add --overwrite to continue with the new values anyway, or "
+        "choose another --output-dir")
+    assert metrics(run) == metrics(reference)  # untouched
+    args = [*TINY[:1], 9, *TINY[2:]]  # --max-steps 8 -> 9: one more step from checkpoint-8
+    p = run_method("sft", *args, "--resume", "--output-dir", run, "--eval-every", 0, "--lr", "0.01", "--overwrite")
+    assert ("[resume] flags changed since the run started, applied: --max-steps 8 -> 9, --lr 0.003 -> 0.01, "
+            "--eval-every 3 -> 0") in p.stdout and "resumed from checkpoint-0000008" in p.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["args"]["lr"] == 0.01 and config["resumed_with_changes"] == [
+        {"max_steps": [8, 9], "lr": [0.003, 0.01], "eval_every": [3, 0]}]
+    assert rows(run)[-3:] == [(8, "eval"), (9, "train"), (9, "eval")]
+
+
+RANGE_CASES = [  # (method, flags, the error line): every numeric flag is checked at parse time, from common.RANGES
+    ("sft", ["--lr", "-1"], "--lr -1.0: must be > 0"),
+    ("grpo", ["--lr", "nan"], "--lr nan: must be > 0"),
+    ("sft", ["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be > 0"),
+    ("sft", ["--batch-size", "0"], "--batch-size 0: must be >= 1 (a count)"),
+    ("sft", ["--max-steps", "-3"], "--max-steps -3: must be >= 1 (a count)"),
+    ("sft", ["--num-demos", "0"], "--num-demos 0: must be >= 1 (a count)"),
+    ("sft", ["--grad-accum", "0"], "--grad-accum 0: must be >= 1 (a count)"),
+    ("sft", ["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: must be in [0, 1]"),
+    ("sft", ["--beta2", "1"], "--beta2 1.0: must be in [0, 1)"),
+    ("sft", ["--eval-size", "0"], "--eval-size 0: must be >= 1 (the held-out examples; --eval-every 0 evaluates "
+                                  "only at start and end)"),
+    ("grpo", ["--prompts-per-step", "0"], "--prompts-per-step 0: must be >= 1 (a count)"),
+    ("grpo", ["--num-generations", "0"], "--num-generations 0: must be >= 1 (a count)"),
+    ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1 (a count)"),
+    ("grpo", ["--temperature", "0"], "--temperature 0.0: must be > 0 (it divides the logits; sampling needs > 0)"),
+    ("grpo", ["--temperature", "-1"], "--temperature -1.0: must be > 0 (it divides the logits; sampling needs > 0)"),
+    ("grpo", ["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    ("grpo", ["--eval-temperature", "0"], "--eval-temperature 0.0: must be > 0"),
+    ("grpo", ["--dual-clip", "0.5"], "--dual-clip 0.5: must be > 1"),
+    ("grpo", ["--overlong-buffer-ratio", "2"], "--overlong-buffer-ratio 2.0: must be in [0, 1]"),
+    ("relift", ["--sft-lr", "0"], "--sft-lr 0.0: must be > 0"),
+    ("kdrl", ["--keep-last", "0"], "--keep-last 0: must be >= 1 (a count)"),
+    ("chord", ["--dist-timeout", "0"], "--dist-timeout 0.0: must be > 0"),
+]
+
+
+@pytest.mark.parametrize("method,flags,line", RANGE_CASES)
+def test_numeric_flags_range_checked_at_parse_time(method, flags, line):
+    from tests_util import load_method
+    mod = load_method(method)
+    with pytest.raises(common.UserError) as e:
+        common.parse_args(mod.Args, flags, presets={"recipe": mod.RECIPES})
+    assert str(e.value) == "error: " + line
+
+
+def test_max_steps_negative_writes_nothing_and_output_dir_a_file(tmp_path):
+    """End to end: `--max-steps -3` stops at parse time with one line (no untrained final/, no directory at all);
+    an --output-dir that is a file is refused."""
+    p = run_method("sft", "--max-steps", "-3", "--output-dir", tmp_path / "o", check=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --max-steps -3: must be >= 1 (a count)"
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "f").write_text("x")
+    A = SimpleNamespace(output_dir=str(tmp_path / "f"), resume=False, overwrite=True)
+    with pytest.raises(common.UserError, match=f"--output-dir '{tmp_path / 'f'}' is a file, not a directory"):
+        common.prepare_output_dir(A, common.Dist())
+    A.output_dir = str(tmp_path / "f" / "sub")
+    with pytest.raises(common.UserError, match=f"cannot create --output-dir '{tmp_path / 'f' / 'sub'}' \\(Not a dir"):
+        common.prepare_output_dir(A, common.Dist())
+    assert (tmp_path / "f").read_text() == "x"
