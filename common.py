@@ -555,7 +555,11 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
                         f"{ds.column_names}; map yours with --prompt-column/--response-column/--answer-column")
     if len(ds) == 0:
         raise UserError(f"dataset '{dataset}' (split {split}) is empty")
-    data = {k: list(ds[c]) for k, c in cols.items()}
+    try:
+        data = {k: list(ds[c]) for k, c in cols.items()}
+    except UnicodeDecodeError as e:  # pyarrow reads JSON bytes as they are and decodes strings only here
+        raise UserError(f"cannot read dataset file '{dataset}' (UnicodeDecodeError: {str(e)[:160]}); it is not UTF-8 "
+                        "text; re-encode it as UTF-8") from None
     rows, blank = [], {"prompt": 0, "answer": 0}
     for i in range(len(ds)):
         r = {k: data[k][i] for k in data}

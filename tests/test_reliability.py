@@ -153,7 +153,9 @@ def test_nonfinite_stops_with_message_and_checkpoint_intact(tmp_path):
     last = common.list_checkpoints(tmp_path / "a")[-1]
     assert last.name == "checkpoint-0000012" and common.load_model(str(last)) is not None
     # --skip-nonfinite: the step is skipped and logged, the run goes on
-    run_method("sft", *args, "--output-dir", tmp_path / "b", "--skip-nonfinite", env=env)
+    p = run_method("sft", *args, "--output-dir", tmp_path / "b", "--skip-nonfinite", env=env)
+    assert "[summary] 1 of 16 optimizer steps were skipped as non-finite (--skip-nonfinite): those steps did not " \
+           "train" in p.stdout
     rec = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rec if r.get("train/skipped_nonfinite")] == [14]
     assert max(r["step"] for r in rec) == 16
@@ -372,3 +374,79 @@ def test_max_steps_negative_writes_nothing_and_output_dir_a_file(tmp_path):
     with pytest.raises(common.UserError, match=f"cannot create --output-dir '{tmp_path / 'f' / 'sub'}' \\(Not a dir"):
         common.prepare_output_dir(A, common.Dist())
     assert (tmp_path / "f").read_text() == "x"
+
+
+# ---- loaders: every library error a user can cause is one line -----------------------------------------------------
+def test_dataset_files_empty_not_utf8_unparsable_and_null_prompts(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(common.UserError, match=r"dataset file '.*empty.jsonl' is empty \(0 bytes\); check the file"):
+        common.load_examples(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café 1+1", "response": "2", "answer": "2"}\n'.encode("latin-1"))
+    with pytest.raises(common.UserError, match=r"cannot read dataset file '.*latin1.jsonl' \(UnicodeDecodeError: .*\); "
+                                               r"it is not UTF-8 text; re-encode it as UTF-8$"):
+        common.load_examples(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1", "response": "2", "answer": 2}\n{"prompt": \n')
+    with pytest.raises(common.UserError, match=r"cannot read dataset file '.*bad.jsonl' \(.*\); a jsonl file is "
+                                               "expected: one JSON object per line$"):
+        common.load_examples(str(tmp_path / "bad.jsonl"))
+    rows = [{"prompt": None, "response": "2", "answer": "2"}, {"prompt": "  ", "response": "2", "answer": "2"},
+            {"prompt": "1+1=", "response": "2", "answer": None}, {"prompt": "2+2=", "response": "4", "answer": 4}]
+    (tmp_path / "nulls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert common.load_examples(str(tmp_path / "nulls.jsonl")) == [  # SFT: the answer is only used to score
+        {"prompt": "1+1=", "response": "2", "answer": ""}, {"prompt": "2+2=", "response": "4", "answer": "4"}]
+    assert "skipped 2 rows with a null or empty prompt (--prompt-column prompt) and 0 with" in capsys.readouterr().err
+    assert common.load_examples(str(tmp_path / "nulls.jsonl"), need_response=False) == [  # RL prompts need answers
+        {"prompt": "2+2=", "response": None, "answer": "4"}]
+    assert "skipped 2 rows with a null or empty prompt (--prompt-column prompt) and 1 with a null or empty answer " \
+           "(--answer-column answer); 1 remain" in capsys.readouterr().err
+    (tmp_path / "allnull.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    with pytest.raises(common.UserError, match=r"has no row with a prompt \(2 null or empty prompts, 0 null or empty "
+                                               "answers\\); check --prompt-column/--answer-column"):
+        common.load_examples(str(tmp_path / "allnull.jsonl"))
+
+
+def test_model_and_tokenizer_loader_errors(tmp_path, tiny_dir):
+    """A damaged weight file, a pad token outside the model's vocabulary, and (end to end, offline) a hub name."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(common.UserError, match=f"cannot load the model of '{bad}' \\(.*\\); the files in '{bad}' are "
+                                               "damaged or incomplete: save the model again with save_pretrained"):
+        common.load_model(str(bad))
+    pad = tmp_path / "pad"
+    shutil.copytree(tiny_dir, pad)
+    tok = common.load_tokenizer(tiny_dir)
+    tok.add_special_tokens({"pad_token": "<|newpad|>"})
+    tok.save_pretrained(pad)
+    vocab = json.loads((pad / "config.json").read_text())["vocab_size"]
+    with pytest.raises(common.UserError, match=f"has pad_token_id {vocab}, outside the model's vocabulary "
+                                               f"\\(vocab_size {vocab} in config.json\\); set pad_token to a token"):
+        common.load_tokenizer(str(pad))
+    p = run_method("sft", "--model", "nobody-xyz/no-such-model", "--output-dir", tmp_path / "o", check=False,
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        "error: cannot load the tokenizer of 'nobody-xyz/no-such-model' (OSError: ")
+    assert p.stderr.strip().endswith("'nobody-xyz/no-such-model' is not a local directory and the hub cannot be "
+                                     "reached or has no such model: download it where there is network "
+                                     "(huggingface-cli download nobody-xyz/no-such-model --local-dir DIR) and pass "
+                                     "--model DIR")
+
+
+def test_skipped_nonfinite_window_stops_and_summary(monkeypatch, capsys, tmp_path):
+    """--skip-nonfinite: NONFINITE_WINDOW skipped steps in a row stop the run with a message; fewer are counted and
+    summed up when the logger closes (e.g. 19 of 20 steps skipped used to end with `done`)."""
+    monkeypatch.setattr(common, "_nonfinite", {"steps": 0, "skipped": 0, "in_a_row": 0})
+    nan, ok = {"loss": float("nan"), "grad_norm": 1.0}, {"loss": 1.0, "grad_norm": 1.0}
+    for step in range(1, 20):  # skipped, except every 9th step: never 10 in a row
+        assert common.nonfinite(step, ok if step % 9 == 0 else nan, skip=True) == (step % 9 != 0)
+    log = common.MetricsLogger(tmp_path, common.Dist(), 20, quiet=True)
+    log.close()
+    assert "[summary] 17 of 19 optimizer steps were skipped as non-finite" in capsys.readouterr().out
+    for step in range(20, 28):  # 19-27 skipped: 9 in a row
+        common.nonfinite(step, nan, skip=True)
+    with pytest.raises(common.UserError, match=r"step 28: the last 10 optimizer steps were all skipped as non-finite "
+                                               r"\(loss=nan; --skip-nonfinite\): training cannot learn. The last "
+                                               "complete checkpoint is intact; lower --lr or check the data"):
+        common.nonfinite(28, nan, skip=True)
