@@ -173,9 +173,10 @@ def setup_distributed(seed=0, timeout=1800):
     if world > 1 and not dist.is_initialized():
         import datetime
         _exit_with_launcher(rank)
-        sys.excepthook = functools.partial(_collective_failure, rank, timeout, sys.excepthook)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout))
+        # after init_process_group, whose own hook (a "[rank0]:" traceback) would swallow this one's output
+        sys.excepthook = functools.partial(_collective_failure, rank, timeout, sys.excepthook)
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
     return Dist(rank, local, world, device)

@@ -1,12 +1,14 @@
 """Resume after SIGKILL equals the uninterrupted run; same seed, same metrics; NaN stops the run with the last
 checkpoint intact; bad flags stop before training with one clear sentence."""
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -450,3 +452,86 @@ def test_skipped_nonfinite_window_stops_and_summary(monkeypatch, capsys, tmp_pat
                                                r"\(loss=nan; --skip-nonfinite\): training cannot learn. The last "
                                                "complete checkpoint is intact; lower --lr or check the data"):
         common.nonfinite(28, nan, skip=True)
+
+
+# ---- distributed: a stuck rank and a dead launcher end the job ------------------------------------------------------
+HANG = """
+import os, time
+import torch
+_clip, _calls = torch.nn.utils.clip_grad_norm_, [0]
+def clip_grad_norm_(*a, **k):  # rank 1 hangs (alive, not dead) in its 2nd optimizer step
+    _calls[0] += 1
+    if _calls[0] == 2 and os.environ.get("RANK") == "1":
+        time.sleep(600)
+    return _clip(*a, **k)
+torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+"""
+DIST = ["--batch-size", 8, "--eval-size", 4, "--eval-samples", 0, "--max-new-tokens", 8, "--save-every", 0,
+        "--eval-every", 0, "--quiet"]
+
+
+def torchrun_cmd(*args):
+    from conftest import free_port
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            str(REPO / "methods" / "sft.py"), *map(str, args)]
+
+
+@pytest.mark.slow
+def test_stuck_rank_ends_the_job_after_dist_timeout(tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(HANG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "inject")}
+    t = time.time()
+    p = subprocess.run(torchrun_cmd(*DIST, "--max-steps", 4, "--dist-timeout", 5, "--output-dir", tmp_path / "o"),
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and time.time() - t < 200
+    assert ("error: rank 0: a collective across ranks failed (no answer within --dist-timeout 5 s): another rank is "
+            "stuck or died. The job stops; the last complete checkpoint is intact (--resume continues from it).") \
+        in p.stderr, p.stderr[-3000:]
+
+
+def children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_launcher_is_killed(tmp_path):
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(torchrun_cmd(*DIST, "--max-steps", 100000, "--output-dir", out), cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while (1, "train") not in rows(out):  # both workers are training
+            assert agent.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        workers = children(agent.pid)
+        assert len(workers) == 2
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        deadline = time.time() + 20
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers), "a worker outlived its launcher"
+    finally:
+        for w in workers:  # only the workers this test started
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+        if agent.poll() is None:
+            agent.kill()
