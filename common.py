@@ -533,6 +533,8 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
         try:
             ds = datasets.load_dataset("json" if ext == "jsonl" else ext, data_files=dataset, split="train")
         except Exception as e:  # noqa: BLE001 (datasets/pyarrow: decoding, parsing, empty file)
+            if "corresponds to no data" in str(e):  # a table with no rows
+                raise UserError(f"dataset file '{dataset}' is empty (no rows); check the file") from None
             cause = next((c for c in _causes(e) if isinstance(c, UnicodeDecodeError)), e)
             hint = ("it is not UTF-8 text; re-encode it as UTF-8" if isinstance(cause, UnicodeDecodeError) else
                     f"a {ext} file is expected: " + {"jsonl": "one JSON object per line",
