@@ -59,13 +59,14 @@ def _field_comments(cls):
     return comments
 
 
-def parse_args(cls, argv=None, presets=None):
+def parse_args(cls, argv=None, presets=None, ranges=None):
     """Parse command-line flags into the dataclass `cls`.
 
     presets: {field: {value: {other_field: value}}}, e.g. {"preset": {"dapo": {"eps_high": 0.28}}}. After parsing,
     the chosen preset fills every field the user did not set explicitly; explicit flags always win. An entry may
     choose another table's entry (a recipe its preset: {"recipe": {"dapo": {"preset": "dapo", ...}}}) and may build
     on an entry of its own table (base="paper"). args._sources records which entry set which field.
+    ranges: {field: (check, "allowed range")} for a flag whose name means something else in this file than in RANGES.
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
@@ -109,7 +110,7 @@ def parse_args(cls, argv=None, presets=None):
     args = cls(**values)
     args._explicit = sorted(explicit)  # recorded in config.json
     args._sources = sources  # which table set which value (recorded in config.json, printed by --dry-run)
-    check_ranges(args)
+    check_ranges(args, ranges)
     FLAGS.clear()
     FLAGS.update(f.name for f in dataclasses.fields(cls))
     return args
@@ -133,13 +134,14 @@ RANGES = {
     "keep_last": _COUNT, "temperature": (lambda v: v > 0, "> 0 (it divides the logits; sampling needs > 0)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_eps": _NONNEG, "eps_low": _NONNEG, "eps_high": _NONNEG,
     "dual_clip": (lambda v: v > 1, "> 1"), "overlong_buffer_ratio": _UNIT, "overlong_penalty": _NONNEG,
-    "dist_timeout": _POS, "seed": _NONNEG,
+    "dist_timeout": _POS, "seed": _NONNEG, "kl_weight": _NONNEG,
+    "beta": (lambda v: v >= 0, ">= 0 (a KL or distillation coefficient)"),  # otr.py: the reward of a wrong draw
 }
 
 
-def check_ranges(args):
+def check_ranges(args, ranges=None):
     """Stop at the first flag outside its RANGES entry: `error: --flag VALUE: must be RANGE`."""
-    for name, (ok, allowed) in RANGES.items():
+    for name, (ok, allowed) in {**RANGES, **(ranges or {})}.items():
         v = getattr(args, name, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and ok(v)):
             raise UserError(f"--{name.replace('_', '-')} {v}: must be {allowed}")

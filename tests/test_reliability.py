@@ -350,6 +350,8 @@ RANGE_CASES = [  # (method, flags, the error line): every numeric flag is checke
     ("relift", ["--sft-lr", "0"], "--sft-lr 0.0: must be > 0"),
     ("kdrl", ["--keep-last", "0"], "--keep-last 0: must be >= 1 (a count)"),
     ("chord", ["--dist-timeout", "0"], "--dist-timeout 0.0: must be > 0"),
+    ("grpo", ["--beta", "-0.04"], "--beta -0.04: must be >= 0 (a KL or distillation coefficient)"),
+    ("otr", ["--beta", "1"], "--beta 1.0: must be < 1 (the reward of a wrong draw, below the ground truth's 1)"),
 ]
 
 
@@ -357,9 +359,13 @@ RANGE_CASES = [  # (method, flags, the error line): every numeric flag is checke
 def test_numeric_flags_range_checked_at_parse_time(method, flags, line):
     from tests_util import load_method
     mod = load_method(method)
+    ranges = {"beta": (lambda v: v < 1, "< 1 (the reward of a wrong draw, below the ground truth's 1)")} \
+        if method == "otr" else None  # as otr.py passes it
     with pytest.raises(common.UserError) as e:
-        common.parse_args(mod.Args, flags, presets={"recipe": mod.RECIPES})
+        common.parse_args(mod.Args, flags, presets={"recipe": mod.RECIPES}, ranges=ranges)
     assert str(e.value) == "error: " + line
+    if method == "otr":  # the file's own default (-0.1) passes its own range
+        common.parse_args(mod.Args, [], presets={"recipe": mod.RECIPES}, ranges=ranges)
 
 
 def test_max_steps_negative_writes_nothing_and_output_dir_a_file(tmp_path):
@@ -553,3 +559,15 @@ def test_messages_name_the_flags_of_the_script(tiny_dir):
     with pytest.raises(common.UserError, match=r"pass --eval-dataset FILE, or an --eval-size \(>= 1\) below the "
                                                "number of rows of --dataset$"):
         common.tokenize_examples(tok, [], 16)
+
+
+def test_sampling_from_diverged_weights_is_one_line(tiny_dir):
+    """A learning rate so large that the weights turn NaN makes torch.multinomial fail inside `generate`, before the
+    loss's NaN check: one sentence instead of a traceback."""
+    tok = common.load_tokenizer(tiny_dir)
+    model = common.load_model(tiny_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(common.UserError, match=r"sampling failed: the model's next-token probabilities are NaN/inf "
+                                               r"\(its weights have diverged\); the last complete checkpoint is intact"):
+        common.generate(model, tok, [common.encode_prompt(tok, "1+1=")], n=2, max_new_tokens=4, temperature=1.0)
