@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -462,13 +461,15 @@ def load_tokenizer(path, trust_remote_code=False):
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer of '{path}' has no EOS token; set eos_token in its tokenizer_config.json")
     tok.padding_side = "left"  # generation pads on the left; training batches are padded by collate()
-    cfg = Path(os.path.expanduser(path)) / "config.json"
-    vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+    try:
+        vocab = json.loads((Path(os.path.expanduser(path)) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):  # a hub name, or a config the model loader will judge
+        vocab = None
     for name in ("pad_token_id", "eos_token_id"):  # an id past the embedding table fails deep inside the model
         if isinstance(vocab, int) and not 0 <= getattr(tok, name) < vocab:
-            raise UserError(f"the tokenizer of '{path}' has {name} {getattr(tok, name)}, outside the model's vocabulary "
-                            f"(vocab_size {vocab} in config.json); set {name.rsplit('_', 1)[0]} to a token of the "
-                            "model in tokenizer_config.json, or resize the model's embeddings")
+            raise UserError(f"the tokenizer of '{path}' has {name} {getattr(tok, name)}, outside the model's "
+                            f"vocabulary (vocab_size {vocab} in config.json); set {name.rsplit('_', 1)[0]} to a "
+                            "token of the model in tokenizer_config.json, or resize the model's embeddings")
     return tok
 
 
@@ -1045,6 +1046,9 @@ def _check_resume(args, out, d):
     shown = {k: c for k, c in changed.items() if k not in ("resume", "overwrite", "output_dir")}  # (a moved run)
     if shown and d.is_main:
         print(f"[resume] flags changed since the run started, applied: {show(shown)}", flush=True)
+    if old.get("world_size", d.world_size) != d.world_size and d.is_main:
+        print(f"[resume] world size {old['world_size']} -> {d.world_size}: the run continues, but not exactly as it "
+              "would have (per-rank sampling seeds and random states differ)", flush=True)
     return old.get("resumed_with_changes", []) + ([{k: list(c) for k, c in shown.items()}] if shown else [])
 
 

@@ -192,7 +192,8 @@ def test_empty_dataset(tmp_path):
 def test_all_filtered_and_empty_demo(tok):
     rows = [{"prompt": "1+1=", "response": "1+1=2#2" * 50, "answer": "2"}, {"prompt": "1+2=", "response": " ",
                                                                            "answer": "3"}]
-    with pytest.raises(common.UserError, match=r"filtered out \(1 longer than 64 tokens, 1 with an empty demonstration\)"):
+    with pytest.raises(common.UserError, match=r"filtered out \(1 longer than 64 tokens, 1 with an empty "
+                                               r"demonstration\)"):
         common.tokenize_examples(tok, rows, 64)
 
 

@@ -389,7 +389,8 @@ def test_dataset_files_empty_not_utf8_unparsable_and_null_prompts(tmp_path, caps
     (tmp_path / "empty.jsonl").write_bytes(b"")
     with pytest.raises(common.UserError, match=r"dataset file '.*empty.jsonl' is empty \(0 bytes\); check the file"):
         common.load_examples(str(tmp_path / "empty.jsonl"))
-    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café 1+1", "response": "2", "answer": "2"}\n'.encode("latin-1"))
+    latin1 = '{"prompt": "café 1+1", "response": "2", "answer": "2"}\n'.encode("latin-1")
+    (tmp_path / "latin1.jsonl").write_bytes(latin1)
     with pytest.raises(common.UserError, match=r"cannot read dataset file '.*latin1.jsonl' \(UnicodeDecodeError: .*\); "
                                                r"it is not UTF-8 text; re-encode it as UTF-8$"):
         common.load_examples(str(tmp_path / "latin1.jsonl"))
@@ -569,5 +570,6 @@ def test_sampling_from_diverged_weights_is_one_line(tiny_dir):
     with torch.no_grad():
         model.get_input_embeddings().weight.fill_(float("nan"))
     with pytest.raises(common.UserError, match=r"sampling failed: the model's next-token probabilities are NaN/inf "
-                                               r"\(its weights have diverged\); the last complete checkpoint is intact"):
+                                               r"\(its weights have diverged\); the last complete checkpoint is "
+                                               "intact"):
         common.generate(model, tok, [common.encode_prompt(tok, "1+1=")], n=2, max_new_tokens=4, temperature=1.0)
