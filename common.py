@@ -65,7 +65,8 @@ def parse_args(cls, argv=None, presets=None, ranges=None):
     the chosen preset fills every field the user did not set explicitly; explicit flags always win. An entry may
     choose another table's entry (a recipe its preset: {"recipe": {"dapo": {"preset": "dapo", ...}}}) and may build
     on an entry of its own table (base="paper"). args._sources records which entry set which field.
-    ranges: {field: (check, "allowed range")} for a flag whose name means something else in this file than in RANGES.
+    ranges: {field: (check, "allowed range")} for a flag whose name means something else in this file than in RANGES,
+    or {field: None} where the method file checks it itself.
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
@@ -117,12 +118,14 @@ def parse_args(cls, argv=None, presets=None, ranges=None):
 
 FLAGS = set()  # the fields of the Args the script parsed: messages from here name the flags that script has
 
-_POS, _NONNEG, _COUNT = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1 (a count)")
-_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_POS, _NONNEG = (lambda v: 0 < v < math.inf, "> 0"), (lambda v: 0 <= v < math.inf, ">= 0")
+_COUNT, _UNIT = (lambda v: v >= 1, ">= 1 (a count)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_CLIP = (lambda v: v > 0, "> 0 (inf: no clipping)")
 # The range of every numeric flag whose name means the same thing in every method file, checked at parse time (an
-# Optional flag left at None is not checked). Method-specific coefficients are checked in their method file.
+# Optional flag left at None is not checked; NaN never passes; inf only where a range says so). Method-specific
+# coefficients are checked in their method file.
 RANGES = {
-    "lr": _POS, "sft_lr": _POS, "max_grad_norm": _POS, "sft_max_grad_norm": _POS, "weight_decay": _NONNEG,
+    "lr": _POS, "sft_lr": _POS, "max_grad_norm": _CLIP, "sft_max_grad_norm": _CLIP, "weight_decay": _NONNEG,
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "warmup_ratio": _UNIT, "warmup_steps": _NONNEG, "max_steps": _COUNT, "batch_size": _COUNT,
     "grad_accum": _COUNT, "prompts_per_step": _COUNT, "num_generations": _COUNT, "steps_per_generation": _COUNT,
@@ -132,17 +135,19 @@ RANGES = {
     "eval_samples": _NONNEG, "eval_temperature": _POS, "eval_every": _NONNEG, "save_every": _NONNEG,
     "keep_last": _COUNT, "temperature": (lambda v: v > 0, "> 0 (it divides the logits; sampling needs > 0)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_eps": _NONNEG, "eps_low": _NONNEG, "eps_high": _NONNEG,
-    "dual_clip": (lambda v: v > 1, "> 1"), "overlong_buffer_ratio": _UNIT, "overlong_penalty": _NONNEG,
-    "dist_timeout": _POS, "seed": _NONNEG, "kl_weight": _NONNEG,
+    "dual_clip": (lambda v: v > 1, "> 1 (inf: no cap)"), "overlong_buffer_ratio": _UNIT, "overlong_penalty": _NONNEG,
+    "dist_timeout": _POS, "seed": _NONNEG,
     "beta": (lambda v: v >= 0, ">= 0 (a KL or distillation coefficient)"),  # otr.py: the reward of a wrong draw
 }
 
 
 def check_ranges(args, ranges=None):
     """Stop at the first flag outside its RANGES entry: `error: --flag VALUE: must be RANGE`."""
-    for name, (ok, allowed) in {**RANGES, **(ranges or {})}.items():
-        v = getattr(args, name, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and ok(v)):
+    for name, entry in {**RANGES, **(ranges or {})}.items():
+        if entry is None:
+            continue
+        (ok, allowed), v = entry, getattr(args, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (v == v and ok(v)):  # v != v: NaN
             raise UserError(f"--{name.replace('_', '-')} {v}: must be {allowed}")
 
 

@@ -297,8 +297,6 @@ def main():
     if n_local % (args.steps_per_generation * args.grad_accum):
         raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
-        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
     e_local = expert_batch_size(args.expert_data_ratio, args.prompts_per_step * G, d.world_size) // d.world_size
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator

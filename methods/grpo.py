@@ -254,8 +254,6 @@ def main():
     if n_local % (args.steps_per_generation * args.grad_accum):
         raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
-        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)

@@ -181,8 +181,7 @@ def otr_head(num_samples, kappa, beta, exact, generator):
 
 
 def main():
-    args = common.parse_args(Args, presets={"recipe": RECIPES}, ranges={"beta": (lambda v: v < 1, "< 1 (the reward "
-                             "of a wrong draw, below the ground truth's 1)")})  # not RANGES' KL coefficient
+    args = common.parse_args(Args, presets={"recipe": RECIPES}, ranges={"beta": None})  # not a KL coefficient here
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args)
     check_args(args)  # otr

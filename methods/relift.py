@@ -275,8 +275,6 @@ def main():
     if args.sft_buffer_size != -1 and (args.sft_buffer_size < 1 or args.sft_buffer_size % d.world_size):  # ReLIFT
         raise common.UserError(f"--sft-buffer-size {args.sft_buffer_size} must be -1 (plain RL) or a positive "
                                f"multiple of the world size {d.world_size} (every rank fine-tunes on an equal share)")
-    if args.sft_micro_batch_size < 1:
-        raise common.UserError("--sft-micro-batch-size must be >= 1")
     out = common.prepare_output_dir(args, d)
     model_path = common.resolve_model(args.model, d)
     tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
@@ -304,8 +302,6 @@ def main():
     if n_local % (args.steps_per_generation * args.grad_accum):
         raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
-        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
