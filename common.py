@@ -1057,6 +1057,14 @@ def _check_resume(args, out, d):
     return old.get("resumed_with_changes", []) + ([{k: list(c) for k, c in shown.items()}] if shown else [])
 
 
+def _newest_step(out):
+    """The step of the newest checkpoint in `out` that latest_checkpoint would resume from (0: none)."""
+    for p in sorted(Path(out).glob("checkpoint-*"), reverse=True):
+        if checkpoint_problem(p) is None:
+            return json.loads((p / "state.json").read_text()).get("step", 0)
+    return 0
+
+
 def prepare_output_dir(args, d):
     """Refuse to overwrite a previous run unless --resume or --overwrite; check that --resume continues a run of this
     method with the same trajectory flags; save config, git commit, versions."""
@@ -1068,6 +1076,10 @@ def prepare_output_dir(args, d):
         raise UserError(f"output directory '{out}' already holds a run; pass --resume to continue it, --overwrite "
                         "to start over, or choose another --output-dir")
     history = _check_resume(args, out, d) if args.resume else []  # the changed flags of every resume so far
+    step = _newest_step(out) if args.resume else 0
+    if step > getattr(args, "max_steps", step):  # it would end "at --max-steps" with a model trained for longer
+        raise UserError(f"--max-steps {args.max_steps} is below step {step} of the newest checkpoint in '{out}'; pass "
+                        f"--max-steps {step} or more to continue it, or choose another --output-dir")
     if d.world_size > 1:
         dist.barrier()  # every rank has checked before rank 0 deletes anything
     if d.is_main:

@@ -315,6 +315,10 @@ def test_resume_refuses_another_method_and_changed_trajectory_flags(tmp_path, re
         f"error: --resume with flags that change the run's trajectory (--lr 0.003 -> 0.01, --seed 0 -> 3, against "
         f"{run / 'config.json'}); pass them as before, add --overwrite to continue with the new values anyway, or "
         "choose another --output-dir")
+    p = run_method("sft", *TINY[2:], "--max-steps", 4, "--resume", "--output-dir", run, check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1] == (
+        f"error: --max-steps 4 is below step 8 of the newest checkpoint in '{run}'; pass --max-steps 8 or more to "
+        "continue it, or choose another --output-dir")
     assert metrics(run) == metrics(reference)  # untouched
     args = [*TINY[:1], 9, *TINY[2:]]  # --max-steps 8 -> 9: one more step from checkpoint-8
     p = run_method("sft", *args, "--resume", "--output-dir", run, "--eval-every", 0, "--lr", "0.01", "--overwrite")
