@@ -1137,6 +1137,7 @@ class MetricsLogger:
     def __init__(self, out_dir, d, total, start=0, quiet=False, tensorboard=False):
         self.d, self.path, self.tb, self.bar = d, Path(out_dir) / "metrics.jsonl", None, None
         self.logged = set()
+        _nonfinite.update(steps=0, skipped=0, in_a_row=0)  # a new run (several can run in one process, e.g. tests)
         if not d.is_main:
             return
         if self.path.exists():

@@ -1,5 +1,7 @@
-"""Resume after SIGKILL equals the uninterrupted run; same seed, same metrics; NaN stops the run with the last
-checkpoint intact; bad flags stop before training with one clear sentence."""
+"""Resume after SIGKILL equals the uninterrupted run (weights and the whole metrics log); damaged checkpoints are
+skipped; --resume refuses another method's run and changed trajectory flags; same seed, same metrics; NaN stops the
+run with the last checkpoint intact; bad flags, files and models stop before training with one clear sentence; a
+stuck rank or a dead launcher ends a torchrun job."""
 import json
 import os
 import random
@@ -460,10 +462,10 @@ def test_skipped_nonfinite_window_stops_and_summary(monkeypatch, capsys, tmp_pat
     """--skip-nonfinite: NONFINITE_WINDOW skipped steps in a row stop the run with a message; fewer are counted and
     summed up when the logger closes (e.g. 19 of 20 steps skipped used to end with `done`)."""
     monkeypatch.setattr(common, "_nonfinite", {"steps": 0, "skipped": 0, "in_a_row": 0})
+    log = common.MetricsLogger(tmp_path, common.Dist(), 20, quiet=True)  # a run: counts start at 0
     nan, ok = {"loss": float("nan"), "grad_norm": 1.0}, {"loss": 1.0, "grad_norm": 1.0}
     for step in range(1, 20):  # skipped, except every 9th step: never 10 in a row
         assert common.nonfinite(step, ok if step % 9 == 0 else nan, skip=True) == (step % 9 != 0)
-    log = common.MetricsLogger(tmp_path, common.Dist(), 20, quiet=True)
     log.close()
     assert "[summary] 17 of 19 optimizer steps were skipped as non-finite" in capsys.readouterr().out
     for step in range(20, 28):  # 19-27 skipped: 9 in a row
