@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +64,15 @@ def _or_none(tp):
     return convert
 
 
-def parse_args(cls, argv=None, presets=None):
+def parse_args(cls, argv=None, presets=None, ranges=None):
     """Parse command-line flags into the dataclass `cls`.
 
     presets: {field: {value: {other_field: value}}}, e.g. {"preset": {"dapo": {"eps_high": 0.28}}}. After parsing,
     the chosen preset fills every field the user did not set explicitly; explicit flags always win. An entry may
     choose another table's entry (a recipe its preset: {"recipe": {"dapo": {"preset": "dapo", ...}}}) and may build
     on an entry of its own table (base="paper"). args._sources records which entry set which field.
+    ranges: {field: (check, "allowed range")} for a flag whose name means something else in this file than in RANGES,
+    or {field: None} where the method file checks it itself.
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
@@ -116,7 +117,45 @@ def parse_args(cls, argv=None, presets=None):
     args = cls(**values)
     args._explicit = sorted(explicit)  # recorded in config.json
     args._sources = sources  # which table set which value (recorded in config.json, printed by --dry-run)
+    check_ranges(args, ranges)
+    FLAGS.clear()
+    FLAGS.update(f.name for f in dataclasses.fields(cls))
     return args
+
+
+FLAGS = set()  # the fields of the Args the script parsed: messages from here name the flags that script has
+
+_POS, _NONNEG = (lambda v: 0 < v < math.inf, "> 0"), (lambda v: 0 <= v < math.inf, ">= 0")
+_COUNT, _UNIT = (lambda v: v >= 1, ">= 1 (a count)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_CLIP = (lambda v: v > 0, "> 0 (inf: no clipping)")
+# The range of every numeric flag whose name means the same thing in every method file, checked at parse time (an
+# Optional flag left at None is not checked; NaN never passes; inf only where a range says so). Method-specific
+# coefficients are checked in their method file.
+RANGES = {
+    "lr": _POS, "sft_lr": _POS, "max_grad_norm": _CLIP, "sft_max_grad_norm": _CLIP, "weight_decay": _NONNEG,
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_ratio": _UNIT, "warmup_steps": _NONNEG, "max_steps": _COUNT, "batch_size": _COUNT,
+    "grad_accum": _COUNT, "prompts_per_step": _COUNT, "num_generations": _COUNT, "steps_per_generation": _COUNT,
+    "num_iterations": _COUNT, "max_gen_batches": _COUNT, "max_new_tokens": _COUNT, "max_length": _COUNT,
+    "max_prompt_length": _COUNT, "num_demos": _COUNT, "sft_micro_batch_size": _COUNT,
+    "eval_size": (lambda v: v >= 1, ">= 1 (the held-out examples; --eval-every 0 evaluates only at start and end)"),
+    "eval_samples": _NONNEG, "eval_temperature": _POS, "eval_every": _NONNEG, "save_every": _NONNEG,
+    "keep_last": _COUNT, "temperature": (lambda v: v > 0, "> 0 (it divides the logits; sampling needs > 0)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_eps": _NONNEG, "eps_low": _NONNEG, "eps_high": _NONNEG,
+    "dual_clip": (lambda v: v > 1, "> 1 (inf: no cap)"), "overlong_buffer_ratio": _UNIT, "overlong_penalty": _NONNEG,
+    "dist_timeout": _POS, "seed": _NONNEG, "log_ratio_clamp": _POS,
+    "beta": (lambda v: v >= 0, ">= 0 (a KL or distillation coefficient)"),  # otr.py: the reward of a wrong draw
+}
+
+
+def check_ranges(args, ranges=None):
+    """Stop at the first flag outside its RANGES entry: `error: --flag VALUE: must be RANGE`."""
+    for name, entry in {**RANGES, **(ranges or {})}.items():
+        if entry is None:
+            continue
+        (ok, allowed), v = entry, getattr(args, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (v == v and ok(v)):  # v != v: NaN
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be {allowed}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,8 +173,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(seed=0):
-    """Initialise from RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); seed torch and python per rank."""
+def setup_distributed(seed=0, timeout=1800):
+    """Initialise from RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); seed torch and python per rank. With several
+    ranks: a collective that waits longer than `timeout` seconds (--dist-timeout) ends the job with a message, and a
+    worker whose launcher died exits."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
@@ -143,10 +184,44 @@ def setup_distributed(seed=0):
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+        _exit_with_launcher(rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
+        # after init_process_group, whose own hook (a "[rank0]:" traceback) would swallow this one's output
+        sys.excepthook = functools.partial(_collective_failure, rank, timeout, sys.excepthook)
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
     return Dist(rank, local, world, device)
+
+
+def _exit_with_launcher(rank):
+    """A worker whose parent (the torchrun agent) is gone would train on alone until a collective times out, or to
+    the end (a SIGKILLed agent forwards nothing): a daemon thread checks the parent pid every second and exits."""
+    import threading
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        print(f"error: rank {rank}: the launcher (pid {parent}) is gone; this worker exits", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="postrain-launcher-watch").start()
+
+
+def _collective_failure(rank, timeout, default_hook, kind, exc, tb):
+    """sys.excepthook under torchrun: a collective that timed out or lost its peer becomes one sentence."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and re.search(r"[Tt]imed? ?out|Connection (closed|reset)|peer", text):
+        why = (f"no answer within --dist-timeout {timeout:g} s" if re.search(r"[Tt]imed? ?out", text) else
+               "a peer closed its connection")
+        first = (text.strip().splitlines() or [""])[0][:160]
+        print(f"error: rank {rank}: a collective across ranks failed ({why}): another rank is stuck or died. The job "
+              f"stops; the last complete checkpoint is intact (--resume continues from it). [{first}]",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # a stuck collective can block a normal exit
+    default_hook(kind, exc, tb)
 
 
 def cleanup_distributed():
@@ -386,14 +461,38 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer
     _check_model_path(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 (hub unreachable, unknown name, damaged tokenizer files)
+        raise _load_error("tokenizer", path, e) from None
     if not tok.chat_template:
         raise UserError(f"the tokenizer of '{path}' has no chat template; use an instruct model's tokenizer, or set "
                         "tokenizer.chat_template (a Jinja template) and save_pretrained it into a local directory")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer of '{path}' has no EOS token; set eos_token in its tokenizer_config.json")
     tok.padding_side = "left"  # generation pads on the left; training batches are padded by collate()
+    try:
+        vocab = json.loads((Path(os.path.expanduser(path)) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):  # a hub name, or a config the model loader will judge
+        vocab = None
+    for name in ("pad_token_id", "eos_token_id"):  # an id past the embedding table fails deep inside the model
+        if isinstance(vocab, int) and not 0 <= getattr(tok, name) < vocab:
+            raise UserError(f"the tokenizer of '{path}' has {name} {getattr(tok, name)}, outside the model's "
+                            f"vocabulary (vocab_size {vocab} in config.json); set {name.rsplit('_', 1)[0]} to a "
+                            "token of the model in tokenizer_config.json, or resize the model's embeddings")
     return tok
+
+
+def _load_error(what, path, e):
+    """One sentence for a model or tokenizer that cannot be loaded (no network, unknown name, damaged files)."""
+    local = os.path.isdir(os.path.expanduser(path))
+    fix = (f"the files in '{path}' are damaged or incomplete: save the model again with save_pretrained" if local else
+           f"'{path}' is not a local directory and the hub cannot be reached or has no such model: download it "
+           f"where there is network (huggingface-cli download {path} --local-dir DIR) and pass --model DIR")
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return UserError(f"cannot load the {what} of '{path}' ({type(e).__name__}: {first}); {fix}")
 
 
 def load_model(path, dtype="float32", trust_remote_code=False, gradient_checkpointing=False, device="cpu"):
@@ -402,7 +501,10 @@ def load_model(path, dtype="float32", trust_remote_code=False, gradient_checkpoi
     from transformers.utils import logging as hf_logging
     _check_model_path(path)
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 (hub unreachable, unknown name, damaged weight files)
+        raise _load_error("model", path, e) from None
     if gradient_checkpointing:
         # activation_checkpointing_enable: the name since transformers 5.2x (the old one warns); same arguments
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -438,12 +540,23 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
     import datasets
     ext = Path(dataset).suffix.lstrip(".")
     if ext in ("json", "jsonl", "parquet", "csv"):
-        if not os.path.exists(dataset):
+        if not os.path.isfile(dataset):
             raise UserError(f"dataset file '{dataset}' does not exist")
+        if os.path.getsize(dataset) == 0:  # datasets raises StopIteration on it
+            raise UserError(f"dataset file '{dataset}' is empty (0 bytes); check the file")
         try:
             ds = datasets.load_dataset("json" if ext == "jsonl" else ext, data_files=dataset, split="train")
-        except ValueError as e:  # datasets: 'Instruction "train" corresponds to no data!' for an empty file
-            raise UserError(f"dataset '{dataset}' is empty or unreadable ({e}); check the file") from None
+        except Exception as e:  # noqa: BLE001 (datasets/pyarrow: decoding, parsing, empty file)
+            if "corresponds to no data" in str(e):  # a table with no rows
+                raise UserError(f"dataset file '{dataset}' is empty (no rows); check the file") from None
+            cause = next((c for c in _causes(e) if isinstance(c, UnicodeDecodeError)), e)
+            hint = ("it is not UTF-8 text; re-encode it as UTF-8" if isinstance(cause, UnicodeDecodeError) else
+                    f"a {ext} file is expected: " + {"jsonl": "one JSON object per line",
+                                                     "json": "a JSON list of objects or JSON lines",
+                                                     "csv": "a header line, then rows",
+                                                     "parquet": "an Apache Parquet table"}[ext])
+            raise UserError(f"cannot read dataset file '{dataset}' ({type(cause).__name__}: {str(cause)[:160]}); "
+                            f"{hint}") from None
     else:
         try:
             ds = datasets.load_dataset(dataset, split=split)
@@ -459,14 +572,43 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
                         f"{ds.column_names}; map yours with --prompt-column/--response-column/--answer-column")
     if len(ds) == 0:
         raise UserError(f"dataset '{dataset}' (split {split}) is empty")
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    data = {k: list(ds[c]) for k, c in cols.items()}
-    rows = [{k: data[k][i] for k in data} for i in range(len(ds))]
-    for r in rows:
-        r["answer"] = str(r["answer"])
+    try:
+        data = {k: list(ds[c]) for k, c in cols.items()}
+    except UnicodeDecodeError as e:  # pyarrow reads JSON bytes as they are and decodes strings only here
+        raise UserError(f"cannot read dataset file '{dataset}' (UnicodeDecodeError: {str(e)[:160]}); it is not UTF-8 "
+                        "text; re-encode it as UTF-8") from None
+    rows, blank = [], {"prompt": 0, "answer": 0}
+    for i in range(len(ds)):
+        r = {k: data[k][i] for k in data}
+        # a null or blank prompt would train on an empty turn; an RL prompt or a held-out row needs an answer to score
+        missing = [k for k in ("prompt", "answer") if (k == "prompt" or not need_response) and
+                   (r[k] is None or not str(r[k]).strip())]
+        if missing:
+            blank[missing[0]] += 1
+            continue
+        r["prompt"], r["answer"] = str(r["prompt"]), "" if r["answer"] is None else str(r["answer"])
         r.setdefault("response", None)
+        rows.append(r)
+        if limit and len(rows) >= limit:
+            break
+    if rows and (blank["prompt"] or blank["answer"]):
+        warn(f"dataset '{dataset}': skipped {blank['prompt']} rows with a null or empty prompt (--prompt-column "
+             f"{prompt_column}) and {blank['answer']} with a null or empty answer (--answer-column {answer_column});"
+             f" {len(rows)} remain")
+    if not rows:
+        raise UserError(f"dataset '{dataset}' has no row with a prompt{'' if need_response else ' and an answer'} "
+                        f"({blank['prompt']} null or empty prompts, {blank['answer']} null or empty answers); check "
+                        "--prompt-column/--answer-column")
     return rows
+
+
+def _causes(e):
+    """The exception and the chain of exceptions it was raised from."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def encode_prompt(tokenizer, prompt, system_prompt=None):
@@ -481,7 +623,8 @@ def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_resp
     target so the model learns to stop). Rows longer than max_length are dropped and counted; an error if all are."""
     if not rows:  # e.g. a dataset of N <= --eval-size rows: all of it was held out for evaluation
         raise UserError("no training examples are left: without --eval-dataset the last --eval-size rows of "
-                        "--dataset are held out for evaluation; pass --eval-dataset FILE or a smaller --eval-size")
+                        "--dataset are held out for evaluation; pass --eval-dataset FILE, or an --eval-size (>= 1) "
+                        "below the number of rows of --dataset")
     out, too_long, empty = [], 0, 0
     for r in rows:
         p = encode_prompt(tokenizer, r["prompt"], system_prompt if system_prompt is not None else r.get("system"))
@@ -497,12 +640,14 @@ def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_resp
             continue
         out.append({**r, "prompt_ids": p, "response_ids": resp})
     if too_long or empty:
-        log(f"[data] dropped {too_long} examples longer than max_length={max_length} and {empty} with an empty "
+        log(f"[data] dropped {too_long} examples longer than {max_length} tokens and {empty} with an empty "
             f"demonstration; {len(out)} remain")
-    if not out:
-        why = f"longer than --max-length {max_length}" if too_long else "empty"
-        raise UserError(f"every one of the {len(rows)} examples was filtered out ({too_long} too long, {empty} with "
-                        f"an empty demonstration); raise --max-length or check the dataset ({why})")
+    if not out:  # name the flag this script has: --max-length (teacher forcing) or --max-prompt-length (rollouts)
+        flag = "--max-length" if "max_length" in FLAGS or not FLAGS else \
+            "--max-prompt-length + --max-new-tokens" if with_response else "--max-prompt-length"
+        raise UserError(f"every one of the {len(rows)} examples was filtered out ({too_long} longer than {max_length} "
+                        f"tokens, {empty} with an empty demonstration); " + (f"raise {flag}" if too_long else
+                                                                            "check the --response-column"))
     return out
 
 
@@ -578,8 +723,15 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0,
     # inference mode: ~6% less CPU than no_grad (measured); not under FSDP2, whose buffers must stay normal tensors
     with full_params(model), torch.inference_mode(not hasattr(model, "unshard")):
         ids, attn, n, cache = _shared_prefill(lm, ids.to(dev), attn.to(dev), n)
-        out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                          eos_token_id=eos, pad_token_id=pad, use_cache=True, **cache, **kw)
+        try:
+            out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                              num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, use_cache=True, **cache, **kw)
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities: the weights have diverged
+            if "probability tensor contains" not in str(e):
+                raise
+            raise UserError("sampling failed: the model's next-token probabilities are NaN/inf (its weights have "
+                            "diverged); the last complete checkpoint is intact. Lower --lr (or --max-grad-norm)") \
+                from None
     lm.train(was_training)
     comp = out[:, P:].tolist()
     completions, finished = [], []
@@ -746,41 +898,107 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizers, schedulers, sta
     (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(random.getstate()))
     if d.world_size > 1:
         dist.barrier()
-    if d.is_main:
-        (tmp / "COMPLETE").write_text("ok")
+    if d.is_main:  # the marker names every file with its size: a checkpoint missing one is not complete
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / "COMPLETE").write_text(json.dumps({"files": files}))
         if final.exists():
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
         if keep_last:
-            for old in list_checkpoints(out_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old in list_checkpoints(out_dir, quiet=True)[:-keep_last]:
+                _remove_checkpoint(old)
     if d.world_size > 1:
         dist.barrier()
     return final
 
 
-def list_checkpoints(out_dir):
-    """Complete checkpoints, oldest first; anything without the COMPLETE marker is skipped with a warning."""
+def _remove_checkpoint(path):
+    """The COMPLETE marker goes first: a deletion killed midway leaves a directory that is skipped, never one that is
+    marked complete with files missing."""
+    (Path(path) / "COMPLETE").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def warn(msg):
+    """One line `warning: ...` on stderr, from rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint at `path` cannot be resumed from, or None. Cheap checks (no tensor is read): the COMPLETE
+    marker and every file it names with its recorded size, the safetensors headers, the zip directory of
+    trainer_state.pt and the json files. A damaged tensor payload of the right size is caught by load_checkpoint."""
+    path = Path(path)
+    if path.name.endswith(".tmp") or not (path / "COMPLETE").exists():
+        return "incomplete (interrupted while writing)"
+    try:
+        files = json.loads((path / "COMPLETE").read_text())["files"]
+    except (ValueError, KeyError, TypeError):  # a marker of an older version ("ok"): the files every save writes
+        files = {f: None for f in ("config.json", "trainer_state.pt", "state.json")}
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{name} is truncated or altered ({f.stat().st_size} bytes, {size} when saved)"
+    if not list(path.glob("*.safetensors")):
+        return "it holds no model weights (*.safetensors)"
+    import zipfile
+    try:
+        for f in path.glob("*.safetensors"):  # 8-byte header length, then a json header
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= f.stat().st_size - 8:
+                    raise ValueError
+                json.loads(fh.read(n))
+    except ValueError:
+        return f"{f.name} is not a readable safetensors file"
+    if not zipfile.is_zipfile(path / "trainer_state.pt"):
+        return "trainer_state.pt is not a readable torch file"
+    for f in [path / "state.json", *path.glob("rng_rank*.json")]:
+        try:
+            json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"{f.name} is not valid json"
+    return None
+
+
+def list_checkpoints(out_dir, quiet=False):
+    """Checkpoints with a COMPLETE marker, oldest first; anything without it is skipped with a warning."""
     good = []
     for p in sorted(Path(out_dir).glob("checkpoint-*")):
         if p.name.endswith(".tmp") or not (p / "COMPLETE").exists():
-            warnings.warn(f"skipping incomplete checkpoint {p} (interrupted while writing)")
+            if not quiet:
+                warn(f"skipping incomplete checkpoint {p} (interrupted while writing)")
             continue
         good.append(p)
     return good
 
 
 def load_checkpoint(path, model, optimizers, schedulers, d):
-    """Restore what save_checkpoint wrote; returns the saved `state` dict (with 'step')."""
+    """Restore what save_checkpoint wrote; returns the saved `state` dict (with 'step'). Every file is read before
+    anything is changed: a damaged file stops the run with a message, never half-restores it."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     path = Path(path)
+    try:
+        sd = {}
+        for f in sorted(path.glob("*.safetensors")):
+            sd.update(load_file(f))
+        ts = torch.load(path / "trainer_state.pt", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+        rng_file = path / f"rng_rank{d.rank}.pt"
+        rng = None
+        if rng_file.exists():  # the same world size: restore this rank's generators
+            rng = (torch.load(rng_file, weights_only=True)["torch"],
+                   json.loads((path / f"rng_rank{d.rank}.json").read_text()))
+    except Exception as e:  # noqa: BLE001 (any library's error on a damaged file)
+        raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:200]}); delete it and run "
+                        "again with --resume to continue from the one before it") from None
     opts = StateDictOptions(full_state_dict=True)
     inner = getattr(model, "module", model)
-    sd = {}
-    for f in sorted(path.glob("*.safetensors")):
-        sd.update(load_file(f))
     lm = unwrap(model)
     prefix = "lm." if inner is not lm else ""
     live = lm.state_dict()
@@ -789,44 +1007,106 @@ def load_checkpoint(path, model, optimizers, schedulers, d):
         alias = [k2 for k2, v2 in live.items() if k2 in sd and v2.data_ptr() == v.data_ptr()]
         full[k] = sd[k] if k in sd else sd[alias[0]] if alias else v
     set_model_state_dict(inner, {prefix + k: v for k, v in full.items()}, options=opts)
-    ts = torch.load(path / "trainer_state.pt", weights_only=True)
     for o, s in zip(optimizers, ts["optimizers"]):
         set_optimizer_state_dict(inner, o, s, options=opts)
     for sch, s in zip(schedulers, ts["schedulers"]):
         sch.load_state_dict(s)
-    rng_file = path / f"rng_rank{d.rank}.pt"
-    if rng_file.exists():  # the same world size: restore this rank's generators
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
-        v, internal, gauss = json.loads((path / f"rng_rank{d.rank}.json").read_text())
+    if rng is not None:
+        torch.set_rng_state(rng[0])
+        v, internal, gauss = rng[1]
         random.setstate((v, tuple(internal), gauss))
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output directory, config, metrics and the optimizer schedule
 # ----------------------------------------------------------------------------------------------------------------
+# Flags that may differ when a run is resumed: they change how far it goes, how often it is evaluated, saved and shown,
+# not what it computes. Any other difference from the run's config.json changes its trajectory: refused unless
+# --resume comes with --overwrite. (--max-steps also stretches a cosine schedule or a warmup given as a ratio.)
+RESUME_MAY_CHANGE = {"max_steps", "eval_every", "save_every", "keep_last", "quiet", "tensorboard", "report_to",
+                     "output_dir", "resume", "overwrite", "dry_run", "skip_nonfinite", "dist_timeout"}
+
+
+def _method_name(args):
+    return Path(getattr(sys.modules.get(type(args).__module__), "__file__", None) or sys.argv[0]).stem
+
+
+def _check_resume(args, out, d):
+    """--resume continues the run in `out` only if it is a run of this method with the same trajectory flags.
+    Returns the list of flag changes of every resume so far (recorded in config.json)."""
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        return []  # no readable config.json (nothing saved yet, or a run from before it was written)
+    method, old_method = _method_name(args), old.get("method") or Path((old.get("argv") or [""])[0]).stem
+    if old_method and old_method != method:
+        raise UserError(f"--resume: '{out}' holds a {old_method}.py run, not a {method}.py one; choose another "
+                        f"--output-dir, or pass --overwrite without --resume to delete it and start over")
+    new = json.loads(json.dumps({k: v for k, v in vars(args).items() if not k.startswith("_")}, default=str))
+    was = old.get("args", {})
+    changed = {k: (was[k], v) for k, v in new.items() if k in was and was[k] != v}
+    fatal = {k: c for k, c in changed.items() if k not in RESUME_MAY_CHANGE}
+    show = lambda c: ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in c.items())  # noqa: E731
+    if fatal and not args.overwrite:
+        raise UserError(f"--resume with flags that change the run's trajectory ({show(fatal)}, against "
+                        f"{out / 'config.json'}); pass them as before, add --overwrite to continue with the new "
+                        "values anyway, or choose another --output-dir")
+    shown = {k: c for k, c in changed.items() if k not in ("resume", "overwrite", "output_dir")}  # (a moved run)
+    if shown and d.is_main:
+        print(f"[resume] flags changed since the run started, applied: {show(shown)}", flush=True)
+    if old.get("world_size", d.world_size) != d.world_size and d.is_main:
+        print(f"[resume] world size {old['world_size']} -> {d.world_size}: the run continues, but not exactly as it "
+              "would have (per-rank sampling seeds and random states differ)", flush=True)
+    return old.get("resumed_with_changes", []) + ([{k: list(c) for k, c in shown.items()}] if shown else [])
+
+
+def _newest_step(out):
+    """The step of the newest checkpoint in `out` that latest_checkpoint would resume from (0: none)."""
+    for p in sorted(Path(out).glob("checkpoint-*"), reverse=True):
+        if checkpoint_problem(p) is None:
+            return json.loads((p / "state.json").read_text()).get("step", 0)
+    return 0
+
+
 def prepare_output_dir(args, d):
-    """Refuse to overwrite a previous run unless --resume or --overwrite; save config, git commit, versions."""
+    """Refuse to overwrite a previous run unless --resume or --overwrite; check that --resume continues a run of this
+    method with the same trajectory flags; save config, git commit, versions."""
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir '{out}' is a file, not a directory; pass a directory path (it is created)")
     has_run = (out / "metrics.jsonl").exists() or any(out.glob("checkpoint-*"))
     if has_run and not (args.resume or args.overwrite):
         raise UserError(f"output directory '{out}' already holds a run; pass --resume to continue it, --overwrite "
                         "to start over, or choose another --output-dir")
+    history = _check_resume(args, out, d) if args.resume else []  # the changed flags of every resume so far
+    step = _newest_step(out) if args.resume else 0
+    if step > getattr(args, "max_steps", step):  # it would end "at --max-steps" with a model trained for longer
+        raise UserError(f"--max-steps {args.max_steps} is below step {step} of the newest checkpoint in '{out}'; pass "
+                        f"--max-steps {step} or more to continue it, or choose another --output-dir")
     if d.world_size > 1:
         dist.barrier()  # every rank has checked before rank 0 deletes anything
     if d.is_main:
         if args.overwrite and not args.resume and out.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --output-dir '{out}' ({e.strerror}); pass a writable directory path") \
+                from None
         import transformers
         try:
             commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                                     text=True).stdout.strip()
         except OSError:
             commit = ""
-        meta = {"args": {k: v for k, v in vars(args).items()}, "git_commit": commit, "world_size": d.world_size,
-                "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                             "transformers": transformers.__version__}, "argv": sys.argv}
+        meta = {"method": _method_name(args), "args": {k: v for k, v in vars(args).items()}, "git_commit": commit,
+                "world_size": d.world_size, "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                                                         "transformers": transformers.__version__}, "argv": sys.argv}
+        if history:
+            meta["resumed_with_changes"] = history
         (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     if d.world_size > 1:
         dist.barrier()
@@ -834,28 +1114,48 @@ def prepare_output_dir(args, d):
 
 
 def latest_checkpoint(args):
+    """With --resume: the newest checkpoint that passes checkpoint_problem; newer damaged ones are skipped with a
+    warning naming what is wrong. None (said out loud) when nothing is saved: the run starts fresh."""
     if not args.resume:
         return None
-    ckpts = list_checkpoints(args.output_dir)
-    return ckpts[-1] if ckpts else None
+    for p in sorted(Path(args.output_dir).glob("checkpoint-*"), reverse=True):
+        why = checkpoint_problem(p)
+        if why is None:
+            return p
+        warn(f"skipping incomplete checkpoint {p} (interrupted while writing)" if why.startswith("incomplete")
+             else f"skipping damaged checkpoint {p}: {why}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"[resume] no complete checkpoint in {args.output_dir}: starting fresh from step 0", flush=True)
+    return None
+
+
+def _row_kind(rec):
+    """A metrics row's kind, 'eval' (held-out metrics) or 'train'; rows are keyed by (step, kind)."""
+    return "eval" if any(k.startswith("eval/") for k in rec) else "train"
 
 
 class MetricsLogger:
     """Rank 0 appends one JSON line per logged step to metrics.jsonl and shows a tqdm bar. TensorBoard when asked
-    (--tensorboard) and installed. On resume, lines after the resumed step are dropped so the file stays exact."""
+    (--tensorboard) and installed. On resume the file stays exact: lines after the resumed step are dropped, and a
+    row whose (step, kind) is already in the file (the step-0 evaluation of a run killed before its first checkpoint,
+    the final evaluation of one killed after it) is not written again."""
 
     def __init__(self, out_dir, d, total, start=0, quiet=False, tensorboard=False):
         self.d, self.path, self.tb, self.bar = d, Path(out_dir) / "metrics.jsonl", None, None
+        self.logged = set()
+        _nonfinite.update(steps=0, skipped=0, in_a_row=0)  # a new run (several can run in one process, e.g. tests)
         if not d.is_main:
             return
         if self.path.exists():
             keep = []
             for ln in self.path.read_text().splitlines():
                 try:  # a run killed mid-write leaves a partial last line
-                    if json.loads(ln).get("step", 0) <= start:
-                        keep.append(ln)
+                    rec = json.loads(ln)
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                if rec.get("step", 0) <= start and (rec.get("step", 0), _row_kind(rec)) not in self.logged:
+                    keep.append(ln)
+                    self.logged.add((rec.get("step", 0), _row_kind(rec)))
             self.path.write_text("".join(ln + "\n" for ln in keep))
         if not quiet:
             from tqdm import tqdm
@@ -871,6 +1171,11 @@ class MetricsLogger:
         if not self.d.is_main:
             return
         rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        if (step, _row_kind(rec)) in self.logged:  # already in the file from before a resume: write nothing twice
+            if self.bar:
+                self.bar.update(advance)
+            return
+        self.logged.add((step, _row_kind(rec)))
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb:
@@ -891,6 +1196,9 @@ class MetricsLogger:
     def close(self):
         if self.bar:
             self.bar.close()
+        if _nonfinite["skipped"]:
+            self.print(f"[summary] {_nonfinite['skipped']} of {_nonfinite['steps']} optimizer steps were skipped as "
+                       "non-finite (--skip-nonfinite): those steps did not train")
         if self.tb:
             self.tb.close()
 
@@ -917,13 +1225,26 @@ def no_sync(model, sync):
     return contextlib.nullcontext()
 
 
+NONFINITE_WINDOW = 10  # this many optimizer steps in a row skipped as non-finite stop the run: it cannot learn
+_nonfinite = {"steps": 0, "skipped": 0, "in_a_row": 0}  # counted by nonfinite(), summed up by MetricsLogger.close()
+
+
 def nonfinite(step, values, skip):
     """True when a loss or grad norm is NaN/inf and --skip-nonfinite asks to skip the step; otherwise stops the run
-    with a message naming the step and the metric (the last good checkpoint is left as it is)."""
+    with a message naming the step and the metric (the last good checkpoint is left as it is). With --skip-nonfinite
+    the skips are counted (a summary at the end) and NONFINITE_WINDOW skips in a row stop the run."""
     bad = [k for k, v in values.items() if not math.isfinite(v)]
+    what = ", ".join(f"{k}={values[k]}" for k in bad)
     if bad and not skip:
-        raise UserError(f"step {step}: {', '.join(f'{k}={values[k]}' for k in bad)} is not finite; the last complete "
+        raise UserError(f"step {step}: {what} is not finite; the last complete "
                         "checkpoint is intact. Lower --lr, check the data, or pass --skip-nonfinite to skip such steps")
+    _nonfinite["steps"] += 1
+    _nonfinite["skipped"] += bool(bad)
+    _nonfinite["in_a_row"] = _nonfinite["in_a_row"] + 1 if bad else 0
+    if _nonfinite["in_a_row"] >= NONFINITE_WINDOW:
+        raise UserError(f"step {step}: the last {NONFINITE_WINDOW} optimizer steps were all skipped as non-finite "
+                        f"({what}; --skip-nonfinite): training cannot learn. The last complete checkpoint is intact; "
+                        "lower --lr or check the data")
     return bool(bad)
 
 

@@ -54,7 +54,9 @@ SETTINGS = {  # what each paper reports (spec methods_a.md / methods_b.md); expl
 
 
 def main():
-    args = common.parse_args(Args, presets={"setting": SETTINGS})
+    args = common.parse_args(Args, presets={"setting": SETTINGS}, ranges={  # temperature 0 is greedy here
+        "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"), "samples": (lambda v: v >= 1, ">= 1 (a count)"),
+        "limit": (lambda v: v >= 1, ">= 1 (a count)")})
     # 1. setup: process group, model, tokenizer, optional vLLM engine
     d = common.setup_distributed(args.seed)
     path = common.resolve_model(args.model, d)

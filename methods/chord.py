@@ -122,8 +122,9 @@ class Args:
     save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
     resume: bool = False  # continue from the latest complete checkpoint in --output-dir
-    overwrite: bool = False  # delete a previous run in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir (with --resume: continue it although flags that change its trajectory differ)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    dist_timeout: float = 1800.0  # seconds a collective may wait for another rank before the job stops (torch default 30 min)
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
     dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
@@ -272,7 +273,7 @@ def main():
         raise common.UserError(f"--dataset {args.dataset} needs --expert-dataset: a dataset of demonstrations for the "
                                "SFT term (it may be the same file, read through --prompt-column/--response-column)")
     # 1. setup: process group, output directory, tokenizer, prompts and reward
-    d = common.setup_distributed(args.seed)
+    d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
     model_path = common.resolve_model(args.model, d)
     tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
@@ -302,8 +303,6 @@ def main():
     if n_local % (args.steps_per_generation * args.grad_accum):
         raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
                                f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if min(args.eps_low, args.eps_high) < 0 or (args.dual_clip is not None and args.dual_clip <= 1):
-        raise common.UserError("--eps-low/--eps-high must be >= 0 and --dual-clip > 1")
     if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
         raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
                                "(DeepSeekMath: 0.04)")

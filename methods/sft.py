@@ -76,8 +76,9 @@ class Args:
     save_every: int = 200  # steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
     resume: bool = False  # continue from the latest complete checkpoint in --output-dir
-    overwrite: bool = False  # delete a previous run in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir (with --resume: continue it although flags that change its trajectory differ)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    dist_timeout: float = 1800.0  # seconds a collective may wait for another rank before the job stops (torch default 30 min)
     tensorboard: bool = False  # also log to TensorBoard (when installed)
     quiet: bool = False  # no progress bar
     dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
@@ -131,7 +132,7 @@ def main():
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args)
     # 1. setup: process group, output directory, tokenizer and data
-    d = common.setup_distributed(args.seed)
+    d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
     model_path = common.resolve_model(args.model, d)
     tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)

@@ -131,7 +131,7 @@ def test_math_verify_reward():
     assert common.exact_reward("7+8=15#126", {"answer": "125"}) == 0.0
 
 
-def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok):
+def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok, capsys):
     from kernels.engine import FusedLM
     d = common.Dist()
     model = FusedLM(common.load_model(tiny_dir))
@@ -155,8 +155,8 @@ def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok):
     assert common.load_model(str(path)).lm_head.weight.data_ptr() != 0  # a plain save_pretrained dir
     # a partial checkpoint (no COMPLETE marker) is skipped with a warning
     (tmp_path / "checkpoint-0000009").mkdir()
-    with pytest.warns(UserWarning, match="incomplete"):
-        assert common.list_checkpoints(tmp_path) == [path]
+    assert common.list_checkpoints(tmp_path) == [path]
+    assert "warning: skipping incomplete checkpoint" in capsys.readouterr().err
 
 
 def test_torchrun_all_reduce_token_count(tmp_path):
@@ -192,7 +192,8 @@ def test_empty_dataset(tmp_path):
 def test_all_filtered_and_empty_demo(tok):
     rows = [{"prompt": "1+1=", "response": "1+1=2#2" * 50, "answer": "2"}, {"prompt": "1+2=", "response": " ",
                                                                            "answer": "3"}]
-    with pytest.raises(common.UserError, match=r"filtered out \(1 too long, 1 with an empty demonstration\)"):
+    with pytest.raises(common.UserError, match=r"filtered out \(1 longer than 64 tokens, 1 with an empty "
+                                               r"demonstration\)"):
         common.tokenize_examples(tok, rows, 64)
 
 

@@ -178,7 +178,7 @@ def test_ddp2_x_accum2_equals_full_batch(tmp_path, agg):
 @pytest.mark.parametrize("flags,message", [
     (["--sft-buffer-size", "0"], "--sft-buffer-size 0 must be -1 (plain RL) or a positive multiple"),
     (["--sft-buffer-size", "-3"], "--sft-buffer-size -3 must be -1 (plain RL) or a positive multiple"),
-    (["--sft-micro-batch-size", "0"], "--sft-micro-batch-size must be >= 1"),
+    (["--sft-micro-batch-size", "0"], "--sft-micro-batch-size 0: must be >= 1 (a count)"),
 ])
 def test_bad_inputs(tmp_path, flags, message):
     p = run_method("relift", *flags, "--output-dir", tmp_path / "out", "--quiet", check=False, timeout=300)
