@@ -794,8 +794,8 @@ ANSWER_FORMATS = {  # --answer-format: where the final answer sits in a completi
     "hash": "the text after the last '#' (the embedded task; GSM8K's '#### 42')",
     "last_number": "the last number in the text (GSM8K-style flexible extraction)",
     "auto": ("the dataset's own format (embedded: hash, a preset: its entry in common.DATASETS); for your own file "
-             "the last \\boxed{}, else the last 'Answer:' line, else a '#' on the last line, else the last number "
-             "(Qwen2.5-Math's extract_answer order)"),
+             "the last \\boxed{}, else the last 'Answer:' line, else a '#' on the last line, else the last number, else "
+             "the last line (Qwen2.5-Math's extract_answer order)"),
 }
 _NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 # an arithmetic operation between two operands: '413*20', '-2 + -1137', '3 \times 5' (a lone '-5' or '\frac{1}{2}'
@@ -823,7 +823,7 @@ def extract_answer(text, answer_format="auto"):
     last_line = text.strip().rsplit("\n", 1)[-1]
     if "#" in last_line and (found := last_line.rsplit("#", 1)[1].strip()):
         return found
-    return extract_answer(text, "last_number")
+    return extract_answer(text, "last_number") or last_line.strip()  # no number at all: 'yes', 'True'
 
 
 def _plain(s):
@@ -853,7 +853,10 @@ def _restates_or_unevaluated(pred, example):
     evaluate either and pay for an answer the model never computed."""
     gold = str(example["answer"]).strip().strip("$").strip()
     rhs = pred.rsplit("=", 1)[-1]  # '-2 + -1137 = -1139': the answer is what follows the last '='
-    if _OPERATION.search(rhs) is None or re.fullmatch(r"\s*-?\d+\s*/\s*\d+\s*", rhs):  # 3/4 is a number too
+    if _OPERATION.search(rhs) is None:
+        return False
+    frac = re.fullmatch(r"\s*-?(\d+)\s*/\s*(\d+)\s*", rhs)
+    if frac and int(frac[2]) > 1 and math.gcd(int(frac[1]), int(frac[2])) == 1:  # 3/4 is a number; -36/4 is not
         return False
     if re.fullmatch(_NUMBER, gold.replace(" ", "")):
         return True
