@@ -122,6 +122,7 @@ def test_reward_specs_weights_and_bad_specs(tmp_path):
         common.get_reward_fn(f"{boom}:r")("x", {"answer": "1"})
 
 
+@pytest.mark.slow
 def test_custom_weighted_reward_logged_completions_and_zero_signal_warning(tmp_path):
     """grpo.py on the embedded default with a reward file: each reward is logged as train/reward/<name>, sample
     completions go to completions.jsonl at every evaluation, and with every group's rewards equal (the file's
@@ -219,6 +220,7 @@ def test_heldout_split_is_random_seeded_and_eval_size_zero_means_none():
         common.load_train_eval(args(eval_size=6))
 
 
+@pytest.mark.slow
 def test_messages_sft_trains_with_eval_size_zero(tmp_path):
     p = run_method("sft", "--dataset", DATA / "user_messages.jsonl", "--eval-size", 0, "--max-steps", 2,
                    "--batch-size", 2, "--output-dir", tmp_path, "--quiet")
@@ -241,6 +243,7 @@ def test_chat_template_flag(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- the small ones ---------------------------------
+@pytest.mark.slow
 def test_evaluate_takes_the_column_format_and_reward_flags(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text("".join(json.dumps({"question": f"{a}+{b}=", "gold": str(a + b)}) + "\n"
@@ -259,6 +262,7 @@ def test_evaluate_takes_the_column_format_and_reward_flags(tmp_path):
     assert p.returncode != 0 and "has no column prompt (--prompt-column)" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_offline_hub_model_and_too_long_lengths_one_error_line(tmp_path):
     p = run_method("sft", "--model", "someorg/no-such-model", "--output-dir", tmp_path / "a", check=False,
                    env={"HF_HUB_OFFLINE": "1"})
