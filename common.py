@@ -489,7 +489,9 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
                             "file") from None
     names = ds.column_names
     if prompt_column == "prompt" and "prompt" not in names and "messages" in names:  # TRL's conversational SFT
-        prompt_column = response_column = "messages"
+        prompt_column = "messages"
+    if prompt_column == "messages" and response_column == "response" and "response" not in names:
+        response_column = "messages"  # its last assistant turn
     if response_column == "response" and "response" not in names and "completion" in names:  # TRL prompt/completion
         response_column = "completion"
     cols = {"prompt": prompt_column, "answer": answer_column}
@@ -566,8 +568,8 @@ def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_resp
         return []
     check_encodable(tokenizer, rows, system_prompt)
     if not rows:  # e.g. a dataset of N <= --eval-size rows: all of it was held out for evaluation
-        raise UserError("no training examples are left: without --eval-dataset the last --eval-size rows of "
-                        "--dataset are held out for evaluation; pass --eval-dataset FILE or a smaller --eval-size")
+        raise UserError("no training examples are left: without --eval-dataset, --eval-size rows of --dataset are held "
+                        "out for evaluation; pass --eval-dataset FILE, a smaller --eval-size, or --eval-size 0")
     out, too_long, empty = [], 0, 0
     for r in rows:
         p = encode_prompt(tokenizer, r["prompt"], system_prompt if system_prompt is not None else r.get("system"))
@@ -853,6 +855,7 @@ def _restates_or_unevaluated(pred, example):
     evaluate either and pay for an answer the model never computed."""
     gold = str(example["answer"]).strip().strip("$").strip()
     rhs = pred.rsplit("=", 1)[-1]  # '-2 + -1137 = -1139': the answer is what follows the last '='
+    rhs = re.sub(r"\^\s*\{?\\circ\}?|\\?%|\\[,!;]", "", rhs)  # units are not operations: 90^\circ, 50\%
     if _OPERATION.search(rhs) is None:
         return False
     frac = re.fullmatch(r"\s*-?(\d+)\s*/\s*(\d+)\s*", rhs)
@@ -977,31 +980,41 @@ def get_reward_fn(spec="auto", weights=None, answer_format="auto", dataset="embe
 # Evaluation: greedy accuracy (and mean@k with sampling) on a held-out set, sharded over ranks.
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_size=128, k=1, temperature=0.0,
-             engine=None):
-    """Mean reward over `examples` (greedy when temperature is 0, else mean@k). Each rank scores a shard."""
+             engine=None, keep=None):
+    """Mean reward over `examples` (greedy when temperature is 0, else mean@k). Each rank scores a shard. keep: a
+    list that receives this rank's first 4 scored completions (for MetricsLogger.completions)."""
     mine = examples[d.rank::d.world_size]
     if isinstance(reward_fn, Reward):  # held-out scores stay out of the training step's train/reward/<name>
         reward_fn = functools.partial(reward_fn, record=False)
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
-        comps, _, _ = generate(model, tokenizer, [e["prompt_ids"] for e in chunk], n=k,
-                               max_new_tokens=max_new_tokens, temperature=temperature, seed=i, engine=engine)
+        comps, fin, _ = generate(model, tokenizer, [e["prompt_ids"] for e in chunk], n=k,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=i, engine=engine)
         texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-        total[0] += sum(reward_fn(t, chunk[j // k]) for j, t in enumerate(texts))
+        scores = [reward_fn(t, chunk[j // k]) for j, t in enumerate(texts)]
+        if keep is not None:
+            keep += [dict(example=chunk[j // k], completion=comps[j], reward=scores[j], finished=fin[j])
+                     for j in range(min(4 - len(keep), len(texts)))]
+        total[0] += sum(scores)
         total[1] += len(texts)
     total = all_reduce(total.to(d.device)).cpu()
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None):
+def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, log=None, step=0):
     """The held-out metrics every method logs: greedy accuracy, and with --eval-samples k > 0 also mean@k, the mean
     reward of k samples per prompt at --eval-temperature (the papers' avg@k: DFT avg@16 at T=1, DAPO avg@32). The
     sampling seeds are the same at every evaluation, so two evaluations of one run are paired. No held-out examples
-    (--eval-size 0): no metrics."""
+    (--eval-size 0): no metrics. With a MetricsLogger `log`, a few greedy held-out completions go to its
+    completions.jsonl (the teacher-forcing methods have no rollouts to show)."""
     if not examples:
         return {}
-    out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine)}
+    keep = [] if log is not None else None
+    out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine,
+                                     keep=keep)}
+    if log is not None:
+        log.completions(step, tokenizer, keep)
     if args.eval_samples > 0:
         out["eval/sampled_accuracy"] = evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens,
                                                 k=args.eval_samples, temperature=args.eval_temperature, engine=engine)

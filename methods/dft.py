@@ -216,7 +216,7 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args)
+        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
         log.log(step, accs)
         return accs.get("eval/accuracy")  # None with --eval-size 0
 

@@ -66,6 +66,8 @@ def test_echoing_an_arithmetic_question_earns_nothing():
     assert common.math_reward("\\boxed{413 \\times 20}", {"prompt": "", "answer": "8260"}) == 0.0
     assert common.math_reward("\\boxed{8260}", {"prompt": "", "answer": "8260"}) == 1.0
     assert common.math_reward("so \\boxed{-\\frac{7}{4}}", {"prompt": "", "answer": "-1.75"}) == 1.0  # a number form
+    assert common.math_reward("\\boxed{90^\\circ}", {"prompt": "", "answer": "90"}) == 1.0  # a unit, not a power
+    assert common.math_reward("\\boxed{-36/4}", {"prompt": "", "answer": "-9"}) == 0.0  # a reduced fraction only
     # the issue's measurement, in miniature: the old reward (math-verify on the raw completion, gold in $...$) paid
     # for echoes; evaluate.py's reward (get_reward_fn auto on a user's file) does not
     from math_verify import parse, verify
@@ -287,11 +289,39 @@ def test_no_future_warnings_from_our_generate_and_packed_passes(tiny_dir, tok):
     assert common.cache_kwarg(model) in ("cache", "past_key_values")
 
 
-def test_report_to(tmp_path):
-    with pytest.raises(SystemExit, match="error: --report-to tensorbord: unknown tensorbord"):
+@pytest.mark.slow
+def test_report_to_each_tracker_offline_when_installed(tmp_path):
+    """--report-to tensorboard,wandb,trackio: each installed tracker gets the metrics offline (W&B with
+    WANDB_MODE=offline, trackio in its local store); one that is not installed is named and the run goes on."""
+    import importlib.util
+    with pytest.raises(SystemExit, match="error: --report-to tensorbord: unknown tensorbord; choose from none, "):
         common.MetricsLogger(tmp_path, common.Dist(), 1, report_to="tensorbord")
-    pytest.importorskip("tensorboard")
-    log = common.MetricsLogger(tmp_path, common.Dist(), 1, quiet=True, report_to="tensorboard")
-    log.log(1, {"train/loss": torch.tensor(0.5).item()})
-    log.close()
-    assert list((tmp_path / "tb").iterdir())
+    out = tmp_path / "run"
+    p = run_method("sft", "--max-steps", 2, "--batch-size", 8, "--eval-size", 4, "--output-dir", out, "--quiet",
+                   "--report-to", "tensorboard,wandb,trackio",
+                   env={"WANDB_MODE": "offline", "TRACKIO_DIR": str(tmp_path / "trackio")})
+    for target in ("tensorboard", "wandb", "trackio"):
+        if importlib.util.find_spec(target) is None:
+            assert f"[log] --report-to {target}: {target} is not installed (pip install {target})" in p.stdout
+    if importlib.util.find_spec("tensorboard"):
+        assert any(f.name.startswith("events.out.tfevents") for f in (out / "tb").iterdir())
+    if importlib.util.find_spec("wandb"):
+        assert list((out / "wandb").glob("offline-run-*"))
+    if importlib.util.find_spec("trackio"):
+        assert list((tmp_path / "trackio").iterdir())
+    assert len(metrics(out)) == 4  # metrics.jsonl as always: eval 0, steps 1-2, final eval
+
+
+def test_heldout_samples_logged_for_teacher_forcing_methods(tiny_dir, tok, tmp_path):
+    """sft/dft/otr have no rollouts: each evaluation writes a few greedy held-out completions instead."""
+    ex = common.tokenize_examples(tok, common.embedded_task("eval")[:6], 128, with_response=False)
+    log = common.MetricsLogger(tmp_path, common.Dist(), 1, quiet=True)
+    args = SimpleNamespace(max_new_tokens=6, eval_samples=0, eval_temperature=1.0)
+    reward = common.get_reward_fn("auto")
+    acc = common.eval_metrics(common.load_model(tiny_dir), tok, ex, reward, common.Dist(), args, log=log, step=3)
+    recs = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["step"] == 3 and r["advantage"] is None for r in recs)
+    assert [r["answer"] for r in recs] == [e["answer"] for e in ex[:4]]
+    assert all(r["reward"] == common.exact_reward(r["completion"], {"answer": r["answer"], "answer_format": "hash"})
+               for r in recs) and list(acc) == ["eval/accuracy"]
+    assert reward.count == 0  # held-out scores are not training rewards
