@@ -455,13 +455,15 @@ def _check_model_path(path):
 # Data: examples are dicts {"prompt", "response", "answer"}; tokenised with the chat template, prompt masked.
 # ----------------------------------------------------------------------------------------------------------------
 def load_examples(dataset, split="train", prompt_column="prompt", response_column="response",
-                  answer_column="answer", need_response=True, embedded_split="sft", limit=None, config=None):
+                  answer_column="answer", need_response=True, embedded_split="sft", limit=None, config=None,
+                  need_answer=True):
     """`embedded` -> the synthetic task; a preset (DATASETS) or NAME:FILE; a local .json/.jsonl/.parquet/.csv file; or a
     hub dataset name (with its configuration name, `config`). TRL's dataset formats are read as they are: a
     `prompt` that is a list of {role, content} messages stays a conversation (rendered by the chat template); a
     `messages` column (no prompt column) is split into the conversation before the last assistant turn and that
     turn as the response; a `completion` column (standard or a list of messages) is the response when there is no
-    response column. Each row carries its dataset's answer_format (see ANSWER_FORMATS)."""
+    response column. Each row carries its dataset's answer_format (see ANSWER_FORMATS). need_answer=False (the
+    teacher-forcing methods): a dataset without the default `answer` column is read with answer None."""
     if dataset.partition(":")[0] in DATASETS:  # a paper's dataset: hub name, split, fields and system prompt preset
         if (prompt_column, response_column, answer_column) != ("prompt", "response", "answer"):
             raise UserError(f"dataset preset '{dataset}' fixes its own fields; drop --prompt-column/--response-column/"
@@ -495,6 +497,9 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
     if response_column == "response" and "response" not in names and "completion" in names:  # TRL prompt/completion
         response_column = "completion"
     cols = {"prompt": prompt_column, "answer": answer_column}
+    if not need_answer and answer_column == "answer" and "answer" not in names:
+        del cols["answer"]  # SFT data without answers: held-out loss instead of accuracy (eval_metrics)
+        need_response = True  # ... of the demonstrations
     if need_response:
         cols["response"] = response_column
     missing = [f"{c} (--{k}-column)" for k, c in cols.items() if c not in ds.column_names]
@@ -508,7 +513,7 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
     data = {k: list(ds[c]) for k, c in cols.items()}
     rows = [{k: data[k][i] for k in data} for i in range(len(ds))]
     for r in rows:
-        r["answer"] = str(r["answer"])
+        r["answer"] = str(r["answer"]) if "answer" in r else None
         r.setdefault("response", None)
         if prompt_column == "messages":  # the conversation up to the last assistant turn; that turn is the response
             last = max((i for i, m in enumerate(r["prompt"]) if m.get("role") == "assistant"), default=None)
@@ -525,12 +530,14 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
     return rows
 
 
-def load_train_eval(args, need_response=True, embedded_split="sft"):
+def load_train_eval(args, need_response=True, embedded_split="sft", need_answer=True):
     """The training rows and the held-out rows of a run: --eval-dataset (its first --eval-size rows), the embedded
     eval split, or --eval-size rows of --dataset drawn at random with a fixed seed (the same rows whatever --seed,
-    so runs stay comparable) and removed from training. --eval-size 0: no held-out evaluation."""
+    so runs stay comparable) and removed from training. --eval-size 0: no held-out evaluation. need_answer=False:
+    the teacher-forcing methods also take data without an answer column (held-out loss instead of accuracy)."""
     rows = load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
-                         args.answer_column, need_response, embedded_split, config=args.dataset_config)
+                         args.answer_column, need_response, embedded_split, config=args.dataset_config,
+                         need_answer=need_answer)
     if args.eval_size < 0:
         raise UserError(f"--eval-size {args.eval_size} must be >= 0 (0: no held-out evaluation)")
     if args.eval_size == 0:
@@ -539,7 +546,7 @@ def load_train_eval(args, need_response=True, embedded_split="sft"):
         name = args.eval_dataset or "embedded"
         return rows, load_examples(name, args.dataset_split, args.prompt_column, args.response_column,
                                    args.answer_column, False, "eval", args.eval_size,
-                                   args.dataset_config if name == args.dataset else None)
+                                   args.dataset_config if name == args.dataset else None, need_answer)
     if len(rows) <= args.eval_size:
         raise UserError(f"no training examples are left: without --eval-dataset, --eval-size {args.eval_size} rows of "
                         f"--dataset (it has {len(rows)}) are held out for evaluation; pass --eval-dataset FILE, a "
@@ -1010,6 +1017,8 @@ def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, lo
     completions.jsonl (the teacher-forcing methods have no rollouts to show)."""
     if not examples:
         return {}
+    if all(e.get("answer") is None for e in examples):  # SFT data without answers: the held-out loss
+        return {"eval/nll": heldout_nll(model, tokenizer, examples, d)}
     keep = [] if log is not None else None
     out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine,
                                      keep=keep)}
@@ -1019,6 +1028,24 @@ def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, lo
         out["eval/sampled_accuracy"] = evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens,
                                                 k=args.eval_samples, temperature=args.eval_temperature, engine=engine)
     return out
+
+
+@torch.no_grad()
+def heldout_nll(model, tokenizer, examples, d, batch_size=32):
+    """Mean per-token negative log-likelihood of the held-out demonstrations (response + EOS) under `model` (a
+    FusedLM, possibly DDP/FSDP-wrapped), over all ranks: what SFT is scored on when the rows have no answers."""
+    mine, total = examples[d.rank::d.world_size], torch.zeros(2, dtype=torch.float64, device=d.device)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(mine), batch_size):
+        seqs = [(e["prompt_ids"], tokenizer(str(e["response"] or ""), add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id]) for e in mine[i:i + batch_size]]
+        b = collate(seqs, tokenizer.pad_token_id, d.device)
+        logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]
+        total += torch.stack([-(logp.double() * b["loss_mask"]).sum(), b["loss_mask"].sum().double()])
+    model.train(was_training)
+    total = all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1283,9 +1310,13 @@ class MetricsLogger:
             self.trackio.finish()
 
 
-def score_str(acc):
-    """The final held-out accuracy for the 'done' line; --eval-size 0 has none."""
-    return "none (--eval-size 0)" if acc is None else f"{acc:.3f}"
+def score_str(accs):
+    """The final held-out metrics (eval_metrics' dict) for the 'done' line."""
+    if "eval/accuracy" in accs:
+        return f"held-out accuracy {accs['eval/accuracy']:.3f}"
+    if "eval/nll" in accs:
+        return f"held-out nll {accs['eval/nll']:.4f} (the held-out rows have no answers to score)"
+    return "no held-out evaluation (--eval-size 0)"
 
 
 def lr_schedule(optimizer, warmup_steps, total_steps, kind="cosine", min_ratio=0.0):

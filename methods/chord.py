@@ -324,7 +324,7 @@ def main():
     def run_eval(step):
         accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
-        return accs.get("eval/accuracy")  # None with --eval-size 0
+        return accs
 
     if start == 0:
         run_eval(0)
@@ -455,7 +455,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[chord] done: held-out accuracy {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[chord] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine
     common.cleanup_distributed()

@@ -191,7 +191,7 @@ def main():
     tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
     common.check_context(model_path, args.max_length, f"--max-length {args.max_length}")
     reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=True, embedded_split="sft")
+    rows, eval_rows = common.load_train_eval(args, need_response=True, embedded_split="sft", need_answer=False)
     rows = rows[:args.num_demos] if args.num_demos else rows
     train = common.tokenize_examples(tokenizer, rows, args.max_length, args.system_prompt, log=print)
     evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_length, args.system_prompt, False, log=print, heldout=True)
@@ -218,7 +218,7 @@ def main():
     def run_eval(step):
         accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
         log.log(step, accs)
-        return accs.get("eval/accuracy")  # None with --eval-size 0
+        return accs
 
     if start == 0:
         run_eval(0)
@@ -278,7 +278,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[dft] done: held-out accuracy {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[dft] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, ref
     common.cleanup_distributed()

@@ -334,7 +334,7 @@ def main():
     def run_eval(step):
         accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
-        return accs.get("eval/accuracy")  # None with --eval-size 0
+        return accs
 
     if start == 0:
         run_eval(0)
@@ -490,7 +490,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer, sft_optimizer], [scheduler],
                            {"tokens": tokens_seen, "buffer": buffer.entries, "sft_steps": n_sft}, d, name="final")
-    log.print(f"[relift] done: held-out accuracy {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[relift] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, sft_optimizer, engine
     common.cleanup_distributed()

@@ -227,10 +227,35 @@ def test_messages_sft_trains_with_eval_size_zero(tmp_path):
     p = run_method("sft", "--dataset", DATA / "user_messages.jsonl", "--eval-size", 0, "--max-steps", 2,
                    "--batch-size", 2, "--output-dir", tmp_path, "--quiet")
     assert "[sft] 6 demonstrations, 0 held-out" in p.stdout
-    assert "done: held-out accuracy none (--eval-size 0)" in p.stdout
+    assert "done: no held-out evaluation (--eval-size 0)" in p.stdout
     m = metrics(tmp_path)
     assert [r["step"] for r in m] == [1, 2] and not any("eval/accuracy" in r for r in m)
     assert all(r["train/loss"] > 0 for r in m)
+
+
+@pytest.mark.slow
+def test_sft_without_answers_scores_the_heldout_loss(tmp_path, tiny_dir, tok):
+    """A TRL messages file has no answer column: SFT trains and evaluates the held-out demonstrations' loss
+    (eval/nll), checked at step 0 against the plain Hugging Face forward of the untouched model."""
+    p = run_method("sft", "--dataset", DATA / "user_messages_noanswer.jsonl", "--eval-size", 2, "--max-steps", 1,
+                   "--batch-size", 2, "--output-dir", tmp_path, "--quiet")
+    assert "done: held-out nll " in p.stdout and "(the held-out rows have no answers to score)" in p.stdout
+    m = metrics(tmp_path)
+    assert [sorted(r) for r in m if r["step"] == 0] == [["eval/nll", "step"]] and "eval/accuracy" not in m[-1]
+    args = SimpleNamespace(dataset=str(DATA / "user_messages_noanswer.jsonl"), dataset_split="train",
+                           dataset_config=None, prompt_column="prompt", response_column="response",
+                           answer_column="answer", eval_dataset=None, eval_size=2, seed=0)
+    _, held = common.load_train_eval(args, need_answer=False)
+    assert all(r["answer"] is None for r in held)
+    model, nll, n = common.load_model(tiny_dir).eval(), 0.0, 0
+    for ex in common.tokenize_examples(tok, held, 256):
+        ids = torch.tensor([ex["prompt_ids"] + ex["response_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        tgt = ids[0, len(ex["prompt_ids"]):]
+        nll -= logp[len(ex["prompt_ids"]) - 1:].gather(-1, tgt[:, None]).sum().item()
+        n += len(tgt)
+    assert m[0]["eval/nll"] == pytest.approx(nll / n, rel=1e-4)
 
 
 def test_chat_template_flag(tiny_dir, tmp_path):
