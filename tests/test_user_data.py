@@ -350,3 +350,16 @@ def test_heldout_samples_logged_for_teacher_forcing_methods(tiny_dir, tok, tmp_p
     assert all(r["reward"] == common.exact_reward(r["completion"], {"answer": r["answer"], "answer_format": "hash"})
                for r in recs) and list(acc) == ["eval/accuracy"]
     assert reward.count == 0  # held-out scores are not training rewards
+
+
+def test_dataset_config_selects_a_configuration(tmp_path):
+    """--dataset-config reaches load_dataset: a dataset repository laid out as on the hub (README.md with configs),
+    read from a local directory; a missing configuration is one error line."""
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: easy\n  data_files: easy.jsonl\n"
+                                        "- config_name: hard\n  data_files: hard.jsonl\n---\n")
+    for name, q in [("easy", "1+1="), ("hard", "12*34=")]:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"prompt": q, "answer": str(eval(q[:-1]))}) + "\n")
+    assert common.load_examples(str(tmp_path), config="hard", need_response=False)[0]["prompt"] == "12*34="
+    assert common.load_examples(str(tmp_path), config="easy", need_response=False)[0]["answer"] == "2"
+    with pytest.raises(SystemExit, match=f"error: could not load dataset '{tmp_path}' config 'medium' split 'train'"):
+        common.load_examples(str(tmp_path), config="medium", need_response=False)
