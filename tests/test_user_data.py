@@ -141,6 +141,9 @@ def test_custom_weighted_reward_logged_completions_and_zero_signal_warning(tmp_p
     assert ("[warning] step 5: every group's rewards have been equal for 5 steps (train/frac_zero_std_groups 1.0)"
             in p.stdout)
     assert "[sample] step 5, reward 0, advantage +0.000:" in p.stdout  # a few printed
+    truncated = all(r["train/frac_truncated"] == 1.0 for r in steps)  # 8 new tokens: the embedded answers are longer
+    assert truncated == ("[warning] step 5: every completion has been truncated at --max-new-tokens for 5 steps"
+                         in p.stdout)
     recs = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and {r["step"] for r in recs} == {5}  # 2 prompts x 2 completions at the evaluation step
     assert set(recs[0]) == {"step", "prompt", "completion", "reward", "advantage", "finished", "answer"}
@@ -363,3 +366,16 @@ def test_dataset_config_selects_a_configuration(tmp_path):
     assert common.load_examples(str(tmp_path), config="easy", need_response=False)[0]["answer"] == "2"
     with pytest.raises(SystemExit, match=f"error: could not load dataset '{tmp_path}' config 'medium' split 'train'"):
         common.load_examples(str(tmp_path), config="medium", need_response=False)
+
+
+def test_zero_signal_warning_needs_consecutive_steps(tmp_path, capsys):
+    log = common.MetricsLogger(tmp_path, common.Dist(), 12, quiet=True)
+    seq = [1.0] * 4 + [0.5] + [1.0] * 5  # a step with signal resets the count
+    for step, frac in enumerate(seq, 1):
+        log.log(step, {"train/frac_zero_std_groups": frac, "train/frac_truncated": 0.0})
+    out = capsys.readouterr().out
+    assert out.count("[warning]") == 1 and "[warning] step 10: every group's rewards have been equal for 5" in out
+    assert [json.loads(x)["train/zero_signal_steps"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            ] == [1, 2, 3, 4, 0, 1, 2, 3, 4, 5]
+    log.log(11, {"eval/accuracy": 0.5})  # an evaluation line neither counts nor resets
+    assert "train/zero_signal_steps" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
