@@ -138,7 +138,7 @@ RANGES = {
     "grad_accum": _COUNT, "prompts_per_step": _COUNT, "num_generations": _COUNT, "steps_per_generation": _COUNT,
     "num_iterations": _COUNT, "max_gen_batches": _COUNT, "max_new_tokens": _COUNT, "max_length": _COUNT,
     "max_prompt_length": _COUNT, "num_demos": _COUNT, "sft_micro_batch_size": _COUNT,
-    "eval_size": (lambda v: v >= 1, ">= 1 (the held-out examples; --eval-every 0 evaluates only at start and end)"),
+    "eval_size": (lambda v: v >= 0, ">= 0 (the held-out examples; 0: no held-out evaluation)"),
     "eval_samples": _NONNEG, "eval_temperature": _POS, "eval_every": _NONNEG, "save_every": _NONNEG,
     "keep_last": _COUNT, "temperature": (lambda v: v > 0, "> 0 (it divides the logits; sampling needs > 0)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_eps": _NONNEG, "eps_low": _NONNEG, "eps_high": _NONNEG,
@@ -458,16 +458,24 @@ def embedded_task(split, seed=1234):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path, trust_remote_code=False):
+def load_tokenizer(path, trust_remote_code=False, chat_template=None):
+    """AutoTokenizer with a chat template: its own, or `chat_template` (a Jinja template, or a file that holds one)
+    set over it (--chat-template)."""
     from transformers import AutoTokenizer
     _check_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 (hub unreachable, unknown name, damaged tokenizer files)
         raise _load_error("tokenizer", path, e) from None
+    if chat_template:
+        is_file = "{" not in chat_template and os.path.isfile(os.path.expanduser(chat_template))
+        if "{" not in chat_template and not is_file:
+            raise UserError(f"--chat-template '{chat_template}' is neither a file nor a Jinja template (no '{{'); pass "
+                            "a .jinja file or the template text")
+        tok.chat_template = Path(os.path.expanduser(chat_template)).read_text() if is_file else chat_template
     if not tok.chat_template:
-        raise UserError(f"the tokenizer of '{path}' has no chat template; use an instruct model's tokenizer, or set "
-                        "tokenizer.chat_template (a Jinja template) and save_pretrained it into a local directory")
+        raise UserError(f"the tokenizer of '{path}' has no chat template; use an instruct model's tokenizer, or pass "
+                        "--chat-template FILE.jinja (or the template text)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -513,6 +521,20 @@ def load_model(path, dtype="float32", trust_remote_code=False, gradient_checkpoi
     return model.to(device)
 
 
+def check_context(model_path, length, what):
+    """Refuse lengths beyond the model's context (max_position_embeddings): generation would run past the positions
+    the model was trained on. `what` names the flags that add up to `length`."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(model_path).get_text_config()
+    except (OSError, ValueError):
+        return
+    ctx = getattr(cfg, "max_position_embeddings", None)
+    if ctx and length > ctx:
+        raise UserError(f"{what} = {length} tokens exceed the context of '{model_path}' (max_position_embeddings "
+                        f"{ctx}); lower them so they fit")
+
+
 def _check_model_path(path):
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/") and path.count("/") != 1
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
@@ -526,17 +548,23 @@ def _check_model_path(path):
 # Data: examples are dicts {"prompt", "response", "answer"}; tokenised with the chat template, prompt masked.
 # ----------------------------------------------------------------------------------------------------------------
 def load_examples(dataset, split="train", prompt_column="prompt", response_column="response",
-                  answer_column="answer", need_response=True, embedded_split="sft", limit=None):
+                  answer_column="answer", need_response=True, embedded_split="sft", limit=None, config=None,
+                  need_answer=True):
     """`embedded` -> the synthetic task; a preset (DATASETS) or NAME:FILE; a local .json/.jsonl/.parquet/.csv file; or a
-    hub dataset name."""
+    hub dataset name (with its configuration name, `config`). TRL's dataset formats are read as they are: a
+    `prompt` that is a list of {role, content} messages stays a conversation (rendered by the chat template); a
+    `messages` column (no prompt column) is split into the conversation before the last assistant turn and that
+    turn as the response; a `completion` column (standard or a list of messages) is the response when there is no
+    response column. Each row carries its dataset's answer_format (see ANSWER_FORMATS). need_answer=False (the
+    teacher-forcing methods): a dataset without the default `answer` column is read with answer None."""
     if dataset.partition(":")[0] in DATASETS:  # a paper's dataset: hub name, split, fields and system prompt preset
         if (prompt_column, response_column, answer_column) != ("prompt", "response", "answer"):
             raise UserError(f"dataset preset '{dataset}' fixes its own fields; drop --prompt-column/--response-column/"
                             "--answer-column, or pass the hub name or file instead of the preset to map columns")
         return load_preset(dataset, need_response, limit)
     if dataset == "embedded":
-        rows = embedded_task(embedded_split)
-        return rows[:limit] if limit else rows
+        rows = [{**r, "answer_format": "hash"} for r in embedded_task(embedded_split)]
+        return rows[:limit] if limit is not None else rows
     import datasets
     ext = Path(dataset).suffix.lstrip(".")
     if ext in ("json", "jsonl", "parquet", "csv"):
@@ -559,11 +587,23 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
                             f"{hint}") from None
     else:
         try:
-            ds = datasets.load_dataset(dataset, split=split)
-        except Exception as e:  # network, unknown name, unknown split
-            raise UserError(f"could not load dataset '{dataset}' split '{split}' ({type(e).__name__}: {e}); check "
-                            "the name and --dataset-split, or pass a local .jsonl/.parquet file") from None
+            ds = datasets.load_dataset(dataset, config, split=split)
+        except Exception as e:  # network, unknown name, unknown config or split
+            raise UserError(f"could not load dataset '{dataset}'" + (f" config '{config}'" if config else "") +
+                            f" split '{split}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "check the name, --dataset-config and --dataset-split, or pass a local .jsonl/.parquet "
+                            "file") from None
+    names = ds.column_names
+    if prompt_column == "prompt" and "prompt" not in names and "messages" in names:  # TRL's conversational SFT
+        prompt_column = "messages"
+    if prompt_column == "messages" and response_column == "response" and "response" not in names:
+        response_column = "messages"  # its last assistant turn
+    if response_column == "response" and "response" not in names and "completion" in names:  # TRL prompt/completion
+        response_column = "completion"
     cols = {"prompt": prompt_column, "answer": answer_column}
+    if not need_answer and answer_column == "answer" and "answer" not in names:
+        del cols["answer"]  # SFT data without answers: held-out loss instead of accuracy (eval_metrics)
+        need_response = True  # ... of the demonstrations
     if need_response:
         cols["response"] = response_column
     missing = [f"{c} (--{k}-column)" for k, c in cols.items() if c not in ds.column_names]
@@ -578,16 +618,28 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
         raise UserError(f"cannot read dataset file '{dataset}' (UnicodeDecodeError: {str(e)[:160]}); it is not UTF-8 "
                         "text; re-encode it as UTF-8") from None
     rows, blank = [], {"prompt": 0, "answer": 0}
+    empty = lambda v: v is None or (isinstance(v, (str, list)) and not (v.strip() if isinstance(v, str) else v))  # noqa: E731
     for i in range(len(ds)):
         r = {k: data[k][i] for k in data}
         # a null or blank prompt would train on an empty turn; an RL prompt or a held-out row needs an answer to score
-        missing = [k for k in ("prompt", "answer") if (k == "prompt" or not need_response) and
-                   (r[k] is None or not str(r[k]).strip())]
+        missing = [k for k in ("prompt", "answer") if k in r and (k == "prompt" or not need_response) and empty(r[k])]
         if missing:
             blank[missing[0]] += 1
             continue
-        r["prompt"], r["answer"] = str(r["prompt"]), "" if r["answer"] is None else str(r["answer"])
+        r["answer"] = None if "answer" not in r else "" if r["answer"] is None else str(r["answer"])
         r.setdefault("response", None)
+        if prompt_column == "messages":  # the conversation up to the last assistant turn; that turn is the response
+            last = max((i for i, m in enumerate(r["prompt"]) if m.get("role") == "assistant"), default=None)
+            if last is None:
+                raise UserError(f"dataset '{dataset}': a 'messages' row has no assistant turn to learn from "
+                                f"({r['prompt'][:2]}); every conversation needs one")
+            r["prompt"], r["response"] = r["prompt"][:last], r["prompt"][last]["content"]
+        elif isinstance(r["response"], list):  # a conversational completion: its assistant content
+            r["response"] = "".join(m.get("content", "") for m in r["response"] if m.get("role") == "assistant")
+        if isinstance(r["prompt"], list) and not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in r["prompt"]):
+            raise UserError(f"dataset '{dataset}': column '{prompt_column}' holds a list that is not a conversation of "
+                            f"{{role, content}} messages ({str(r['prompt'])[:80]}); pass text or such messages")
         rows.append(r)
         if limit and len(rows) >= limit:
             break
@@ -602,6 +654,31 @@ def load_examples(dataset, split="train", prompt_column="prompt", response_colum
     return rows
 
 
+def load_train_eval(args, need_response=True, embedded_split="sft", need_answer=True):
+    """The training rows and the held-out rows of a run: --eval-dataset (its first --eval-size rows), the embedded
+    eval split, or --eval-size rows of --dataset drawn at random with a fixed seed (the same rows whatever --seed,
+    so runs stay comparable) and removed from training. --eval-size 0: no held-out evaluation. need_answer=False:
+    the teacher-forcing methods also take data without an answer column (held-out loss instead of accuracy)."""
+    rows = load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
+                         args.answer_column, need_response, embedded_split, config=args.dataset_config,
+                         need_answer=need_answer)
+    if args.eval_size < 0:
+        raise UserError(f"--eval-size {args.eval_size} must be >= 0 (0: no held-out evaluation)")
+    if args.eval_size == 0:
+        return rows, []
+    if args.eval_dataset or args.dataset == "embedded":
+        name = args.eval_dataset or "embedded"
+        return rows, load_examples(name, args.dataset_split, args.prompt_column, args.response_column,
+                                   args.answer_column, False, "eval", args.eval_size,
+                                   args.dataset_config if name == args.dataset else None, need_answer)
+    if len(rows) <= args.eval_size:
+        raise UserError(f"no training examples are left: without --eval-dataset, --eval-size {args.eval_size} rows of "
+                        f"--dataset (it has {len(rows)}) are held out for evaluation; pass --eval-dataset FILE, a "
+                        "smaller --eval-size, or --eval-size 0 (no held-out evaluation)")
+    held = set(random.Random(1234).sample(range(len(rows)), args.eval_size))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def _causes(e):
     """The exception and the chain of exceptions it was raised from."""
     seen = set()
@@ -612,19 +689,27 @@ def _causes(e):
 
 
 def encode_prompt(tokenizer, prompt, system_prompt=None):
-    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}]
+    """Token ids of the prompt through the chat template with the generation prompt: `prompt` is the user's text or
+    a conversation (a list of {role, content} messages, rendered exactly as tokenizer.apply_chat_template does);
+    system_prompt is prepended unless the conversation starts with its own system message."""
+    conv = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    has_system = bool(conv) and conv[0].get("role") == "system"
+    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt and not has_system else []) + conv
     ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_response=True, log=print):
+def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_response=True, log=print, heldout=False):
     """Add 'prompt_ids' (chat template, generation prompt) and 'response_ids' (response text + EOS: the EOS is a
-    target so the model learns to stop). Rows longer than max_length are dropped and counted; an error if all are."""
+    target so the model learns to stop). Rows longer than max_length are dropped and counted; an error if all are.
+    heldout: an empty list is allowed (--eval-size 0). With the embedded character tokenizer, a character it
+    cannot encode stops the run (it would be dropped without a word)."""
+    if heldout and not rows:
+        return []
+    check_encodable(tokenizer, rows, system_prompt)
     if not rows:  # e.g. a dataset of N <= --eval-size rows: all of it was held out for evaluation
-        raise UserError("no training examples are left: without --eval-dataset the last --eval-size rows of "
-                        "--dataset are held out for evaluation; pass --eval-dataset FILE, or an --eval-size (>= 1) "
-                        "below the number of rows of --dataset")
+        raise UserError("no training examples are left: without --eval-dataset, --eval-size rows of --dataset are held "
+                        "out for evaluation; pass --eval-dataset FILE, a smaller --eval-size, or --eval-size 0")
     out, too_long, empty = [], 0, 0
     for r in rows:
         p = encode_prompt(tokenizer, r["prompt"], system_prompt if system_prompt is not None else r.get("system"))
@@ -649,6 +734,35 @@ def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_resp
                         f"tokens, {empty} with an empty demonstration); " + (f"raise {flag}" if too_long else
                                                                             "check the --response-column"))
     return out
+
+
+def _texts(row, system_prompt=None):
+    p = row.get("prompt")
+    parts = [m.get("content") or "" for m in p] if isinstance(p, list) else [p or ""]
+    return parts + [str(row.get("response") or ""), system_prompt if system_prompt is not None else row.get("system")
+                    or ""]
+
+
+def check_encodable(tokenizer, rows, system_prompt=None):
+    """The embedded character tokenizer knows only CHARS; any other character would vanish from the text (its
+    byte-level BPE has no <unk>): '>=' became '=', '2^(n-1)' became '2(n-1)'. Refuse such data by name."""
+    vocab = tokenizer.get_vocab()
+    if len(vocab) != len(SPECIAL) + len(CHARS) or any(_byte_level(c) not in vocab for c in CHARS):
+        return  # a real tokenizer
+    import unicodedata
+    known, bad, where = set(CHARS), {}, 0
+    for r in rows:
+        chars = set(unicodedata.normalize("NFC", "".join(_texts(r, system_prompt)))) - known
+        for c in chars:
+            bad[c] = bad.get(c, 0) + 1
+        where += bool(chars)
+    if bad:
+        shown = ", ".join(f"{c!r}" + (f" ({unicodedata.name(c, 'U+%04X' % ord(c))})" if not c.isprintable() or
+                                      ord(c) > 127 else "") for c in sorted(bad, key=lambda c: -bad[c])[:12])
+        raise UserError(f"the embedded character tokenizer cannot encode {shown}{' ...' if len(bad) > 12 else ''} "
+                        f"({where} of {len(rows)} examples; they would be dropped from the text); it knows only "
+                        f"{''.join(CHARS).strip()!r}, space and newline. Use a model with a real tokenizer: --model "
+                        "a hub name or a local save_pretrained directory")
 
 
 def collate(seqs, pad_id, device="cpu"):
@@ -753,10 +867,17 @@ def _shared_prefill(lm, ids, attn, n):
         return ids, attn, n, {}
     cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # as generate makes them
-    lm.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
-                     past_key_values=cache, use_cache=True)
+    decoder = lm.get_decoder()
+    decoder(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+            **{cache_kwarg(decoder): cache}, use_cache=True)
     cache.batch_repeat_interleave(n)
-    return ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), 1, {"past_key_values": cache}
+    return ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), 1, {cache_kwarg(lm): cache}
+
+
+def cache_kwarg(module):
+    """The name of the KV-cache argument of a model's forward (and generate): `cache` since transformers 5.2x
+    (`past_key_values` warns a FutureWarning there and goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
 class VLLMEngine:
@@ -815,58 +936,258 @@ def make_engine(generator, model_path, d, max_model_len):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rewards: a reward is a plain function (completion_text, example) -> float.
+# Rewards: a reward is a plain function (completion_text, example) -> float. The answer is first extracted from the
+# completion the way the sources' code does (--answer-format), then compared with the gold answer.
 # ----------------------------------------------------------------------------------------------------------------
-def exact_reward(text, example):
-    """Embedded task: 1.0 when the text after the last '#' equals the answer exactly."""
-    return float("#" in text and text.rsplit("#", 1)[1].strip() == example["answer"])
+ANSWER_FORMATS = {  # --answer-format: where the final answer sits in a completion
+    "boxed": "the last \\boxed{} (Qwen2.5-Math evaluation, DFT, LUFFY, Dr. GRPO's math_verify oracle)",
+    "answer_line": "the last 'Answer: ...' line (DAPO, verl math_dapo.py)",
+    "hash": "the text after the last '#' (the embedded task; GSM8K's '#### 42')",
+    "last_number": "the last number in the text (GSM8K-style flexible extraction)",
+    "auto": ("the dataset's own format (embedded: hash, a preset: its entry in common.DATASETS); for your own file "
+             "the last \\boxed{}, else the last 'Answer:' line, else a '#' on the last line, else the last number, else "
+             "the last line (Qwen2.5-Math's extract_answer order)"),
+}
+_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+# an arithmetic operation between two operands: '413*20', '-2 + -1137', '3 \times 5' (a lone '-5' or '\frac{1}{2}'
+# is a number, not an operation)
+_OPERATION = re.compile(r"[\d)}\]]\s*(?:[-+*/^×÷·]|\\times|\\cdot|\\div)\s*[-+]?\s*[\d(\\{\[]")
 
 
-def math_reward(text, example, timeout=5):
-    """math-verify: parse the completion (\\boxed{} first) and the gold answer, 1.0 when equivalent. Parsing and
-    verification run under a timeout (seconds) so one pathological completion cannot hang a run."""
-    from math_verify import parse, verify
+def extract_answer(text, answer_format="auto"):
+    """The final answer of a completion in `answer_format` (ANSWER_FORMATS); '' when the completion has none."""
+    if answer_format == "boxed":
+        return last_boxed(text).strip()
+    if answer_format == "answer_line":  # verl math_dapo.py: re.findall(r"(?i)Answer\s*:\s*([^\n]+)"), the last one
+        found = re.findall(r"(?i)Answer\s*:\s*([^\n]+)", text)
+        return found[-1].strip().rstrip(".").strip("$ ") if found else ""
+    if answer_format == "hash":
+        return text.rsplit("#", 1)[1].strip() if "#" in text else ""
+    if answer_format == "last_number":
+        found = re.findall(_NUMBER, text)
+        return found[-1].replace(",", "") if found else ""
+    if answer_format != "auto":
+        raise UserError(f"unknown --answer-format '{answer_format}'; choose one of {', '.join(ANSWER_FORMATS)}")
+    for fmt in ("boxed", "answer_line"):
+        if (found := extract_answer(text, fmt)):
+            return found
+    last_line = text.strip().rsplit("\n", 1)[-1]
+    if "#" in last_line and (found := last_line.rsplit("#", 1)[1].strip()):
+        return found
+    return extract_answer(text, "last_number") or last_line.strip()  # no number at all: 'yes', 'True'
+
+
+def _plain(s):
+    """Compare-as-text form: no $, \\text{}, spaces or a final period; lower case."""
+    s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", str(s)).replace("$", "")
+    return re.sub(r"\s+", "", s).rstrip(".").lower()
+
+
+def _has_words(s):  # two or more letters that are not a LaTeX command: prose such as 'is equal to 2'
+    return re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", " ", s)) is not None
+
+
+def _parse_answer(s, timeout):
+    """math-verify parse of an answer by what it is: LaTeX with \\boxed or $ as written; text with words as plain
+    text (inside $...$ math-verify reads 'is equal to 2' as the product i*s*E*q*u*a*l*...; as text it finds 2);
+    anything else (a number, a LaTeX expression) as math, inside $...$."""
+    from math_verify import parse
+    s = s.strip()
+    if "\\boxed" in s or "$" in s or _has_words(s):
+        return parse(s, parsing_timeout=timeout)
+    return parse(f"${s}$", parsing_timeout=timeout)
+
+
+def _restates_or_unevaluated(pred, example):
+    """True when the predicted answer is an arithmetic operation where a number is expected ('413*20' for 8260) or
+    restates an operation written in the question ('-2 + -1137' for 'Calculate -2 + -1137.'): math-verify would
+    evaluate either and pay for an answer the model never computed."""
+    gold = str(example["answer"]).strip().strip("$").strip()
+    rhs = pred.rsplit("=", 1)[-1]  # '-2 + -1137 = -1139': the answer is what follows the last '='
+    rhs = re.sub(r"\^\s*\{?\\circ\}?|\\?%|\\[,!;]", "", rhs)  # units are not operations: 90^\circ, 50\%
+    if _OPERATION.search(rhs) is None:
+        return False
+    frac = re.fullmatch(r"\s*-?(\d+)\s*/\s*(\d+)\s*", rhs)
+    if frac and int(frac[2]) > 1 and math.gcd(int(frac[1]), int(frac[2])) == 1:  # 3/4 is a number; -36/4 is not
+        return False
+    if re.fullmatch(_NUMBER, gold.replace(" ", "")):
+        return True
+    question = example.get("prompt", "")
+    question = " ".join(m.get("content", "") for m in question) if isinstance(question, list) else str(question)
+    return _plain(rhs) != _plain(gold) and _plain(rhs) in _plain(question)
+
+
+def exact_reward(text, example, answer_format=None):
+    """1.0 when the extracted answer (answer_format, else the example's own, else auto) equals the gold answer as a
+    string (spaces at the ends ignored). The embedded task: the text after the last '#'."""
+    fmt = answer_format or example.get("answer_format") or "auto"
+    return float(extract_answer(text, fmt) == str(example["answer"]).strip())
+
+
+def math_reward(text, example, timeout=5, answer_format=None):
+    """math-verify on the extracted answer (answer_format, else the example's own, else auto) against the gold
+    answer parsed as what it is (text, LaTeX, number). An unevaluated operation where a number is expected, or the
+    question's own expression restated, earns 0. Parsing and verification run under a timeout (seconds) so one
+    pathological completion cannot hang a run."""
+    from math_verify import verify
+    pred = extract_answer(text, answer_format or example.get("answer_format") or "auto")
+    if not pred or _restates_or_unevaluated(pred, example):
+        return 0.0
+    if _plain(pred) == _plain(example["answer"]):  # the same text: 'The limit exists and is equal to 2', 'yes'
+        return 1.0
     try:
-        gold = parse(example["answer"] if "\\boxed" in example["answer"] or "$" in example["answer"]
-                     else f"${example['answer']}$", parsing_timeout=timeout)
-        pred = parse(text, parsing_timeout=timeout)
-        return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+        gold, got = _parse_answer(str(example["answer"]), timeout), _parse_answer(pred, timeout)
+        return float(bool(gold) and bool(got) and verify(gold, got, timeout_seconds=timeout))
     except Exception:  # math-verify raises on timeouts and on malformed LaTeX: count as wrong, never crash
         return 0.0
 
 
-def get_reward_fn(name):
-    return {"exact": exact_reward, "math": math_reward}[name]
+def _load_user_reward(spec):
+    """'path/to/file.py:function' -> the function, or one error line naming what is missing."""
+    import importlib.util
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name:
+        raise UserError(f"unknown reward '{spec}'; --reward takes auto, exact, math or FILE.py:FUNCTION (a function "
+                        "(completion_text, example) -> float), comma-separated for several")
+    if not os.path.isfile(path):
+        raise UserError(f"reward file '{path}' does not exist (from --reward {spec}); pass FILE.py:FUNCTION with an "
+                        "existing Python file")
+    mod_spec = importlib.util.spec_from_file_location(f"user_reward_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"reward file '{path}' failed to import ({type(e).__name__}: {e}); fix the file") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and getattr(v, "__module__", "") ==
+                       module.__name__)
+        raise UserError(f"reward file '{path}' has no function '{name}'; its functions are {found}; pass "
+                        f"--reward {path}:NAME")
+    return fn
+
+
+class Reward:
+    """The weighted sum of one or more rewards (TRL's reward_funcs / reward_weights). Each call records every
+    component, so a training step logs train/reward/<name> beside the total (metrics(): means since the last call).
+    evaluate() calls it with record=False."""
+
+    def __init__(self, fns, weights):
+        self.fns, self.weights = fns, weights
+        self.sums, self.count = {name: 0.0 for name in fns}, 0
+
+    def __call__(self, text, example, record=True):
+        values = {}
+        for name, fn in self.fns.items():
+            try:
+                values[name] = float(fn(text, example))
+            except Exception as e:  # a user's reward function: name it, never a bare traceback
+                raise UserError(f"reward '{name}' raised {type(e).__name__}: {e} (completion {text[:80]!r}); a reward "
+                                "is a function (completion_text, example) -> float") from None
+        if record:
+            for name, v in values.items():
+                self.sums[name] += v
+            self.count += 1
+        return sum(self.weights[name] * v for name, v in values.items())
+
+    def metrics(self):
+        out = {f"train/reward/{name}": s / max(self.count, 1) for name, s in self.sums.items()}
+        self.sums, self.count = dict.fromkeys(self.sums, 0.0), 0
+        return out
+
+
+def get_reward_fn(spec="auto", weights=None, answer_format="auto", dataset="embedded"):
+    """--reward SPEC[,SPEC...] with --reward-weights W[,W...] -> a Reward. SPEC: auto (exact on the embedded task,
+    else math), exact, math, or FILE.py:FUNCTION. answer_format 'auto' leaves each example's own format (set by
+    load_examples from the dataset); any other value applies to every example."""
+    specs = [s.strip() for s in str(spec).split(",") if s.strip()]
+    fmt = None if answer_format in (None, "auto") else answer_format
+    if fmt is not None and fmt not in ANSWER_FORMATS:
+        raise UserError(f"unknown --answer-format '{answer_format}'; choose one of {', '.join(ANSWER_FORMATS)}")
+    fns = {}
+    for s in specs or ["auto"]:
+        s = ("exact" if dataset == "embedded" else "math") if s == "auto" else s
+        if s in ("exact", "math"):
+            base = exact_reward if s == "exact" else math_reward
+            fns[s] = functools.partial(base, answer_format=fmt)
+        else:
+            fns[s.rpartition(":")[2] if s.rpartition(":")[2] not in fns else s] = _load_user_reward(s)
+    if weights in (None, ""):
+        w = [1.0] * len(fns)
+    else:
+        try:
+            w = [float(x) for x in str(weights).split(",")]
+        except ValueError:
+            raise UserError(f"--reward-weights '{weights}' must be comma-separated numbers, e.g. 1,0.5") from None
+        if len(w) != len(fns):
+            raise UserError(f"--reward-weights has {len(w)} value(s) for {len(fns)} reward(s) ({', '.join(fns)}); "
+                            "give one weight per --reward entry")
+    return Reward(fns, dict(zip(fns, w)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy accuracy (and mean@k with sampling) on a held-out set, sharded over ranks.
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_size=128, k=1, temperature=0.0,
-             engine=None):
-    """Mean reward over `examples` (greedy when temperature is 0, else mean@k). Each rank scores a shard."""
+             engine=None, keep=None):
+    """Mean reward over `examples` (greedy when temperature is 0, else mean@k). Each rank scores a shard. keep: a
+    list that receives this rank's first 4 scored completions (for MetricsLogger.completions)."""
     mine = examples[d.rank::d.world_size]
+    if isinstance(reward_fn, Reward):  # held-out scores stay out of the training step's train/reward/<name>
+        reward_fn = functools.partial(reward_fn, record=False)
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
-        comps, _, _ = generate(model, tokenizer, [e["prompt_ids"] for e in chunk], n=k,
-                               max_new_tokens=max_new_tokens, temperature=temperature, seed=i, engine=engine)
+        comps, fin, _ = generate(model, tokenizer, [e["prompt_ids"] for e in chunk], n=k,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=i, engine=engine)
         texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-        total[0] += sum(reward_fn(t, chunk[j // k]) for j, t in enumerate(texts))
+        scores = [reward_fn(t, chunk[j // k]) for j, t in enumerate(texts)]
+        if keep is not None:
+            keep += [dict(example=chunk[j // k], completion=comps[j], reward=scores[j], finished=fin[j])
+                     for j in range(min(4 - len(keep), len(texts)))]
+        total[0] += sum(scores)
         total[1] += len(texts)
     total = all_reduce(total.to(d.device)).cpu()
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None):
+def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, log=None, step=0):
     """The held-out metrics every method logs: greedy accuracy, and with --eval-samples k > 0 also mean@k, the mean
     reward of k samples per prompt at --eval-temperature (the papers' avg@k: DFT avg@16 at T=1, DAPO avg@32). The
-    sampling seeds are the same at every evaluation, so two evaluations of one run are paired."""
-    out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine)}
+    sampling seeds are the same at every evaluation, so two evaluations of one run are paired. No held-out examples
+    (--eval-size 0): no metrics. With a MetricsLogger `log`, a few greedy held-out completions go to its
+    completions.jsonl (the teacher-forcing methods have no rollouts to show)."""
+    if not examples:
+        return {}
+    if all(e.get("answer") is None for e in examples):  # SFT data without answers: the held-out loss
+        return {"eval/nll": heldout_nll(model, tokenizer, examples, d)}
+    keep = [] if log is not None else None
+    out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine,
+                                     keep=keep)}
+    if log is not None:
+        log.completions(step, tokenizer, keep)
     if args.eval_samples > 0:
         out["eval/sampled_accuracy"] = evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens,
                                                 k=args.eval_samples, temperature=args.eval_temperature, engine=engine)
     return out
+
+
+@torch.no_grad()
+def heldout_nll(model, tokenizer, examples, d, batch_size=32):
+    """Mean per-token negative log-likelihood of the held-out demonstrations (response + EOS) under `model` (a
+    FusedLM, possibly DDP/FSDP-wrapped), over all ranks: what SFT is scored on when the rows have no answers."""
+    mine, total = examples[d.rank::d.world_size], torch.zeros(2, dtype=torch.float64, device=d.device)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(mine), batch_size):
+        seqs = [(e["prompt_ids"], tokenizer(str(e["response"] or ""), add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id]) for e in mine[i:i + batch_size]]
+        b = collate(seqs, tokenizer.pad_token_id, d.device)
+        logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]
+        total += torch.stack([-(logp.double() * b["loss_mask"]).sum(), b["loss_mask"].sum().double()])
+    model.train(was_training)
+    total = all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -874,13 +1195,16 @@ def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None):
 # ----------------------------------------------------------------------------------------------------------------
 def save_checkpoint(out_dir, step, model, tokenizer, optimizers, schedulers, state, d, keep_last=None, name=None):
     """Model weights (save_pretrained, safetensors) + optimizer/scheduler state + RNG + `state` (json-able dict).
-    Works for DDP and FSDP2 (full state dicts gathered to every rank, written by rank 0)."""
+    Works for DDP and FSDP2 (full state dicts gathered to every rank, written by rank 0). name='final': only what
+    from_pretrained and vLLM read (config, weights, tokenizer, chat template) and the COMPLETE marker; the optimizer
+    state stays in checkpoint-* (what --resume reads)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     inner = getattr(model, "module", model)
     msd = get_model_state_dict(inner, options=opts)
-    osds = [get_optimizer_state_dict(inner, o, options=opts) for o in optimizers]
+    model_only = name == "final"
+    osds = [] if model_only else [get_optimizer_state_dict(inner, o, options=opts) for o in optimizers]
     final = Path(out_dir) / (name or f"checkpoint-{step:07d}")
     tmp = final.with_name(final.name + ".tmp")
     if d.is_main:
@@ -890,12 +1214,15 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizers, schedulers, sta
         prefix = "lm." if any(k.startswith("lm.") for k in msd) else ""
         lm.save_pretrained(tmp, state_dict={k[len(prefix):]: v for k, v in msd.items()}, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save({"optimizers": osds, "schedulers": [s.state_dict() for s in schedulers]}, tmp / "trainer_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        if not model_only:
+            torch.save({"optimizers": osds, "schedulers": [s.state_dict() for s in schedulers]},
+                       tmp / "trainer_state.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
     if d.world_size > 1:
         dist.barrier()
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{d.rank}.pt")
-    (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(random.getstate()))
+    if not model_only:
+        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{d.rank}.pt")
+        (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(random.getstate()))
     if d.world_size > 1:
         dist.barrier()
     if d.is_main:  # the marker names every file with its size: a checkpoint missing one is not complete
@@ -1025,7 +1352,7 @@ def load_checkpoint(path, model, optimizers, schedulers, d):
 # not what it computes. Any other difference from the run's config.json changes its trajectory: refused unless
 # --resume comes with --overwrite. (--max-steps also stretches a cosine schedule or a warmup given as a ratio.)
 RESUME_MAY_CHANGE = {"max_steps", "eval_every", "save_every", "keep_last", "quiet", "tensorboard", "report_to",
-                     "output_dir", "resume", "overwrite", "dry_run", "skip_nonfinite", "dist_timeout"}
+                     "output_dir", "resume", "overwrite", "dry_run", "skip_nonfinite", "dist_timeout", "fast_paths"}
 
 
 def _method_name(args):
@@ -1134,42 +1461,71 @@ def _row_kind(rec):
     return "eval" if any(k.startswith("eval/") for k in rec) else "train"
 
 
-class MetricsLogger:
-    """Rank 0 appends one JSON line per logged step to metrics.jsonl and shows a tqdm bar. TensorBoard when asked
-    (--tensorboard) and installed. On resume the file stays exact: lines after the resumed step are dropped, and a
-    row whose (step, kind) is already in the file (the step-0 evaluation of a run killed before its first checkpoint,
-    the final evaluation of one killed after it) is not written again."""
+REPORT_TO = ("tensorboard", "wandb", "trackio")
+ZERO_SIGNAL_STEPS = 5  # consecutive steps without a learning signal before the warning
 
-    def __init__(self, out_dir, d, total, start=0, quiet=False, tensorboard=False):
-        self.d, self.path, self.tb, self.bar = d, Path(out_dir) / "metrics.jsonl", None, None
+
+class MetricsLogger:
+    """Rank 0 appends one JSON line per logged step to metrics.jsonl and shows a tqdm bar; --report-to also sends the
+    metrics (same names) to TensorBoard (out/tb), W&B (offline with WANDB_MODE=offline) and trackio (a local store),
+    each when installed. completions() writes sample completions to completions.jsonl. A step without learning
+    signal (every group's rewards equal, or every completion truncated) for ZERO_SIGNAL_STEPS steps in a row is
+    warned about on the console and counted in train/zero_signal_steps. On resume the files stay exact: lines after
+    the resumed step are dropped, and a metrics row whose (step, kind) is already in the file (the step-0 evaluation
+    of a run killed before its first checkpoint, the final evaluation of one killed after it) is not written again."""
+
+    def __init__(self, out_dir, d, total, start=0, quiet=False, report_to="none", config=None):
+        self.d, self.path, self.tb, self.wandb, self.trackio, self.bar = d, Path(out_dir) / "metrics.jsonl", *[None] * 4
+        self.samples_path, self.quiet, self.streak = Path(out_dir) / "completions.jsonl", quiet, {}
         self.logged = set()
         _nonfinite.update(steps=0, skipped=0, in_a_row=0)  # a new run (several can run in one process, e.g. tests)
+        targets = [t.strip() for t in str(report_to or "none").split(",") if t.strip() not in ("", "none")]
+        bad = [t for t in targets if t not in REPORT_TO]
+        if bad:
+            raise UserError(f"--report-to {report_to}: unknown {', '.join(bad)}; choose from none, "
+                            f"{', '.join(REPORT_TO)} (comma-separated)")
         if not d.is_main:
             return
-        if self.path.exists():
-            keep = []
-            for ln in self.path.read_text().splitlines():
-                try:  # a run killed mid-write leaves a partial last line
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("step", 0) <= start and (rec.get("step", 0), _row_kind(rec)) not in self.logged:
-                    keep.append(ln)
-                    self.logged.add((rec.get("step", 0), _row_kind(rec)))
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        for path in (self.path, self.samples_path):
+            if path.exists():
+                keep = []
+                for ln in path.read_text().splitlines():
+                    try:  # a run killed mid-write leaves a partial last line
+                        rec = json.loads(ln)
+                    except json.JSONDecodeError:
+                        continue
+                    key = (rec.get("step", 0), _row_kind(rec))
+                    if rec.get("step", 0) <= start and (path == self.samples_path or key not in self.logged):
+                        keep.append(ln)
+                        self.logged.update([key] if path == self.path else [])
+                path.write_text("".join(ln + "\n" for ln in keep))
         if not quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, file=sys.stdout)
-        if tensorboard:
+        config = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
+        for t in targets:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+                if t == "tensorboard":
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+                elif t == "wandb":
+                    import wandb
+                    self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "postrain"), dir=str(out_dir),
+                                            name=Path(out_dir).name, config=config, resume="allow")
+                else:
+                    import trackio
+                    trackio.init(project=os.environ.get("TRACKIO_PROJECT", "postrain"), name=Path(out_dir).name,
+                                 config=config)
+                    self.trackio = trackio
             except ImportError:
-                print("[log] tensorboard is not installed; logging to metrics.jsonl only")
+                print(f"[log] --report-to {t}: {t} is not installed (pip install {t}); logging to metrics.jsonl "
+                      "without it")
 
     def log(self, step, metrics, advance=0):
-        if not self.d.is_main:
+        if not self.d.is_main or not metrics:
             return
+        metrics = dict(metrics)
+        self._zero_signal(step, metrics)
         rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         if (step, _row_kind(rec)) in self.logged:  # already in the file from before a resume: write nothing twice
             if self.bar:
@@ -1178,16 +1534,61 @@ class MetricsLogger:
         self.logged.add((step, _row_kind(rec)))
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.tb:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+        if self.trackio:
+            self.trackio.log(scalars, step=step)
         if self.bar:
             self.bar.update(advance)
             short = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k in (
                 "train/loss", "train/reward", "eval/accuracy")}
             if short:
                 self.bar.set_postfix(short)
+
+    def _zero_signal(self, step, metrics):
+        """Count consecutive steps where every group's rewards were equal (no advantage, grad_norm 0 from the RL
+        term) or every completion hit --max-new-tokens; warn at ZERO_SIGNAL_STEPS and every such run after."""
+        checks = {"equal": metrics.get("train/frac_zero_std_groups"), "truncated": metrics.get("train/frac_truncated")}
+        if all(v is None for v in checks.values()):
+            return
+        for kind, v in checks.items():
+            self.streak[kind] = self.streak.get(kind, 0) + 1 if v is not None and v >= 1.0 else 0
+        metrics["train/zero_signal_steps"] = float(max(self.streak.values()))
+        if self.streak.get("equal", 0) and self.streak["equal"] % ZERO_SIGNAL_STEPS == 0:
+            self.print(f"[warning] step {step}: every group's rewards have been equal for {self.streak['equal']} "
+                       "steps (train/frac_zero_std_groups 1.0): the advantages are 0 and the policy gradient is 0. "
+                       "Look at what the model writes (completions.jsonl) and at the reward and --answer-format")
+        if self.streak.get("truncated", 0) and self.streak["truncated"] % ZERO_SIGNAL_STEPS == 0:
+            self.print(f"[warning] step {step}: every completion has been truncated at --max-new-tokens for "
+                       f"{self.streak['truncated']} steps (train/frac_truncated 1.0): no completion reaches its "
+                       "answer. Raise --max-new-tokens or check the prompt and chat template")
+
+    def completions(self, step, tokenizer, samples, advantages=None, n_print=2):
+        """Write every sample of this step (prompt, completion, reward, advantage, finished, gold answer) to
+        completions.jsonl, as text to TensorBoard when enabled, and print the first n_print. samples: dicts with
+        example (prompt_ids, answer), completion (token ids), reward, finished."""
+        if not self.d.is_main:
+            return
+        adv = [None] * len(samples) if advantages is None else [float(a) for a in advantages]
+        recs = [{"step": step, "prompt": tokenizer.decode(s["example"]["prompt_ids"]),
+                 "completion": tokenizer.decode(s["completion"], skip_special_tokens=True),
+                 "reward": round(float(s["reward"]), 6), "advantage": None if a is None else round(a, 6),
+                 "finished": bool(s.get("finished", True)), "answer": s["example"].get("answer")}
+                for s, a in zip(samples, adv)]
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        if self.tb:
+            self.tb.add_text("completions", "\n\n".join(
+                f"**reward {r['reward']:.3g}, advantage {r['advantage']}**\n\n    {r['prompt']!r}\n    "
+                f"{r['completion']!r}" for r in recs[:8]), step)
+        for r in recs[:0 if self.quiet else n_print]:
+            adv_s = "" if r["advantage"] is None else f", advantage {r['advantage']:+.3f}"
+            self.print(f"[sample] step {step}, reward {r['reward']:.3g}{adv_s}: {r['prompt'][-60:]!r} -> "
+                       f"{r['completion'][:160]!r}")
 
     def print(self, msg):
         if self.d.is_main:
@@ -1201,6 +1602,19 @@ class MetricsLogger:
                        "non-finite (--skip-nonfinite): those steps did not train")
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.trackio:
+            self.trackio.finish()
+
+
+def score_str(accs):
+    """The final held-out metrics (eval_metrics' dict) for the 'done' line."""
+    if "eval/accuracy" in accs:
+        return f"held-out accuracy {accs['eval/accuracy']:.3f}"
+    if "eval/nll" in accs:
+        return f"held-out nll {accs['eval/nll']:.4f} (the held-out rows have no answers to score)"
+    return "no held-out evaluation (--eval-size 0)"
 
 
 def lr_schedule(optimizer, warmup_steps, total_steps, kind="cosine", min_ratio=0.0):
@@ -1292,30 +1706,30 @@ def _chord(r, rl):  # get_openr1_data.py: no Chinese; SFT: a correct trace; RL: 
 
 
 def _bench(hub, split, prompt, answer):  # benchmarks: the Qwen2.5-Math CoT prompt, as the DFT and Dr. GRPO evaluations
-    return dict(hub=hub, split=split, prompt=prompt, answer=answer, system=PROMPTS["qwen_math"])
+    return dict(hub=hub, split=split, prompt=prompt, answer=answer, system=PROMPTS["qwen_math"], answer_format="boxed")
 
 
 # name -> hub dataset and split; fields: a column, "a.0.b" for nested fields and list items, "boxed:COL" for the last
 # \boxed{} of a column, or a function of the row; system prompt (text, or system_field); row filter (keep, with the
-# columns it reads in needs). `--dataset NAME:FILE` reads a local .jsonl/.parquet copy through the same code.
+# columns it reads in needs); answer_format: where the completions' final answer is read (ANSWER_FORMATS). `--dataset NAME:FILE` reads a local .jsonl/.parquet copy through the same code.
 _R220 = dict(hub="open-r1/OpenR1-Math-220k", config="default", split="train", prompt="problem", answer="answer",
-             system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"))
+             system=PROMPTS["chord"], needs=("generations", "correctness_math_verify"), answer_format="boxed")
 _MATH = dict(hub="DigitalLearningGmbH/MATH-lighteval", split="train", prompt="problem", response="solution",
-             answer="boxed:solution", system=PROMPTS["qwen_math"])
+             answer="boxed:solution", system=PROMPTS["qwen_math"], answer_format="boxed")
 DATASETS = {
     # DFT: raw problem in the chat template, solution + EOS (numina_cot.py)
     "numina_cot": dict(hub="AI-MO/NuminaMath-CoT", split="train", prompt="problem", response="solution",
-                       answer="boxed:solution"),
+                       answer="boxed:solution", answer_format="boxed"),
     # LUFFY / ReLIFT / Prefix-RFT: verl rows, system prompt in prompt[0], R1 demonstration in target
     "openr1_46k": dict(hub="Elliott/Openr1-Math-46k-8192", split="train", prompt="prompt.-1.content",
                        response="target.0.content", answer="reward_model.ground_truth",
-                       system_field="prompt.0.content"),
+                       system_field="prompt.0.content", answer_format="boxed"),
     # CHORD's SFT and RL sets, filtered as get_openr1_data.py (which then samples 5k and 20k without a fixed seed)
     "openr1_chord_sft": dict(_R220, response=lambda r: (_r1_correct(r) or [None])[0], keep=lambda r: _chord(r, False)),
     "openr1_chord_rl": dict(_R220, keep=lambda r: _chord(r, True)),
     # DAPO: the "Answer:" instruction is part of each prompt
     "dapo_math_17k": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", prompt="prompt.0.content",
-                          answer="reward_model.ground_truth"),
+                          answer="reward_model.ground_truth", answer_format="answer_line"),
     # Dr. GRPO: MATH level 3-5 with the Qwen-Math template; MATH train (all levels)
     "math_lvl3to5": dict(_MATH, needs=("level",), keep=lambda r: r["level"] in ("Level 3", "Level 4", "Level 5")),
     "math_train": _MATH,
@@ -1376,7 +1790,7 @@ def load_preset(name, need_response=True, limit=None):
             continue
         row = {k: _field(r, p.get(k)) for k in ("prompt", "response", "answer")}
         row.update(answer="" if row["answer"] is None else str(row["answer"]),
-                   system=p.get("system") or _field(r, p.get("system_field")))
+                   system=p.get("system") or _field(r, p.get("system_field")), answer_format=p["answer_format"])
         if row["prompt"] and (row["answer"] or need_response):
             rows.append(row)
         if limit and len(rows) >= limit:

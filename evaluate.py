@@ -26,7 +26,15 @@ import common  # noqa: E402
 @dataclass
 class Args:
     model: str = "embedded:warm"  # checkpoint directory (e.g. runs/grpo/final), hub name, or embedded:warm
-    benchmarks: str = "math500"  # comma-separated: math500, aime24, aime25, amc23, minerva, olympiadbench, embedded; NAME:FILE for a local copy
+    benchmarks: str = "math500"  # comma-separated: math500, aime24, aime25, amc23, minerva, olympiadbench, embedded; NAME:FILE for a local copy; or your own .jsonl/.parquet/.csv file or hub dataset (columns: --prompt-column, --answer-column)
+    dataset_split: str = "test"  # split of a hub dataset of your own (the presets name theirs)
+    dataset_config: Optional[str] = None  # configuration (subset) name of a hub dataset of your own
+    prompt_column: str = "prompt"  # question column of your own file or hub dataset (the presets name theirs)
+    answer_column: str = "answer"  # answer column of your own file or hub dataset
+    reward: str = "auto"  # auto (exact on embedded, else math), exact (string match), math (math-verify) or FILE.py:FUNCTION; comma-separated for several
+    reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
+    answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
+    chat_template: Optional[str] = None  # a Jinja chat template (a file, or the template text) set over the tokenizer's
     setting: Optional[str] = None  # a paper's evaluation (benchmarks and sampling): dft, dr_grpo, dapo, relift
     samples: int = 1  # completions per problem; the score is their mean accuracy (avg@k)
     temperature: float = 0.0  # sampling temperature (0: greedy)
@@ -60,7 +68,7 @@ def main():
     # 1. setup: process group, model, tokenizer, optional vLLM engine
     d = common.setup_distributed(args.seed)
     path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(path, args.trust_remote_code)
+    tokenizer = common.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     model = common.load_model(path, args.dtype, args.trust_remote_code, device=d.device).eval()
     engine = common.make_engine(args.generator, path, d, args.max_prompt_length + args.max_new_tokens)
     system = None if args.system_prompt in (None, "none") else common.PROMPTS.get(args.system_prompt, args.system_prompt)
@@ -69,11 +77,14 @@ def main():
     # 2. each benchmark: its preset's rows, the chat template, avg@k (sharded over ranks, summed by all_reduce)
     scores = {}
     for name in args.benchmarks.split(","):
-        rows = common.load_examples(name, need_response=False, embedded_split="eval", limit=args.limit)
+        preset = name.partition(":")[0] in common.DATASETS or name == "embedded"
+        cols = {} if preset else dict(prompt_column=args.prompt_column, answer_column=args.answer_column)
+        rows = common.load_examples(name, args.dataset_split, **cols, need_response=False, embedded_split="eval",
+                                    limit=args.limit, config=None if preset else args.dataset_config)
         if args.system_prompt == "none":
             rows = [{**r, "system": None} for r in rows]
         examples = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, system, False, log)
-        reward_fn = common.exact_reward if name == "embedded" else common.math_reward
+        reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, name)
         t0 = common.timer()
         scores[name] = common.evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, args.batch_size,
                                        args.samples, args.temperature, engine)

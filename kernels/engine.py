@@ -14,6 +14,7 @@ Global state: the packed attention reaches the model through Hugging Face's atte
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable
 
@@ -93,10 +94,12 @@ def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None,
     Under FSDP2 or gradient checkpointing, and with dropout while training, it is one pass (packed when possible).
     """
     decoder = lm.get_decoder()
+    cache_arg = "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
     def body(ids, am, pos, cache=None):
-        out = decoder(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache,
-                      use_cache=cache is not None)
+        # the cache argument is `cache` in transformers >= 5.2x (`past_key_values` is deprecated there)
+        out = decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=cache is not None,
+                      **{cache_arg: cache})
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     if loss_mask is None:

@@ -65,17 +65,21 @@ class Args:
     model: str = "embedded:warm"  # hub name, local directory, or embedded:warm (tiny model after a short SFT)
     dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
     dataset_split: str = "train"  # split of a hub dataset
+    dataset_config: Optional[str] = None  # configuration (subset) name of a hub dataset (load_dataset's second argument)
     prompt_column: str = "prompt"  # dataset column with the question
     response_column: str = "response"  # dataset column with a demonstration (methods that use expert data)
     answer_column: str = "answer"  # dataset column with the checkable final answer
     system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    chat_template: Optional[str] = None  # a Jinja chat template (a file, or the template text) set over the tokenizer's
     max_prompt_length: int = 512  # longer prompts are skipped and counted
     max_new_tokens: int = 10240  # completion length (Trinity mix_chord.yaml max_response_tokens)
-    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or the last --eval-size rows
-    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or the last N rows of --dataset)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or --eval-size rows of --dataset drawn at random (fixed seed)
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or N random rows of --dataset, held out from training); 0: no held-out evaluation
     eval_samples: int = 0  # also log mean@k: k samples per held-out prompt at --eval-temperature (DFT avg@16, DAPO avg@32); 0: greedy only
     eval_temperature: float = 1.0  # sampling temperature of the mean@k evaluation (DFT, DAPO: 1.0)
-    reward: Literal["auto", "exact", "math"] = "auto"  # exact (embedded) or math-verify; auto picks
+    reward: str = "auto"  # auto (exact on embedded, else math), exact (string match), math (math-verify) or FILE.py:FUNCTION; comma-separated for several
+    reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
+    answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
@@ -125,7 +129,7 @@ class Args:
     overwrite: bool = False  # delete a previous run in --output-dir (with --resume: continue it although flags that change its trajectory differ)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     dist_timeout: float = 1800.0  # seconds a collective may wait for another rank before the job stops (torch default 30 min)
-    tensorboard: bool = False  # also log to TensorBoard (when installed)
+    report_to: str = "none"  # also log to: comma-separated tensorboard, wandb, trackio (each when installed; W&B offline: WANDB_MODE=offline), or none
     quiet: bool = False  # no progress bar
     dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
     # --- CHORD ---
@@ -276,18 +280,13 @@ def main():
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
     model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code)
-    embedded = args.dataset == "embedded"
-    reward_fn = common.get_reward_fn(args.reward if args.reward != "auto" else ("exact" if embedded else "math"))
-    rows = common.load_examples(args.dataset, args.dataset_split, args.prompt_column, args.response_column,
-                                args.answer_column, need_response=False, embedded_split="rl")
-    if args.eval_dataset or embedded:
-        eval_rows = common.load_examples(args.eval_dataset or "embedded", args.dataset_split, args.prompt_column,
-                                         args.response_column, args.answer_column, False, "eval", args.eval_size)
-    else:
-        rows, eval_rows = rows[:-args.eval_size], rows[-args.eval_size:]
+    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    common.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+                         f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
+    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = common.load_train_eval(args, need_response=False, embedded_split="rl")
     train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print)
+    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     expert_rows = common.load_examples(args.expert_dataset, args.dataset_split, args.prompt_column,
                                        args.response_column, args.answer_column, True, "sft")  # CHORD
     expert = common.tokenize_examples(tokenizer, expert_rows, args.max_prompt_length + args.max_new_tokens,
@@ -325,7 +324,7 @@ def main():
         start, tokens_seen = state["step"], state["tokens"]
         if engine:
             engine.push(model)
-    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.tensorboard)
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, vars(args))
     log.print(f"[chord] {len(train)} prompts, {len(expert)} demonstrations ({e_local * d.world_size} per step), "
               f"{len(evalset)} held-out, G={G}, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
@@ -336,7 +335,7 @@ def main():
     def run_eval(step):
         accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
-        return accs["eval/accuracy"]
+        return accs
 
     if start == 0:
         run_eval(0)
@@ -450,10 +449,13 @@ def main():
             gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
                    for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
             metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
+        if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
+            log.completions(step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
@@ -464,7 +466,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[chord] done: held-out accuracy {acc:.3f}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[chord] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine
     common.cleanup_distributed()

@@ -52,7 +52,7 @@ def cases(mod):
     out = [("default", [])]
     for table, field in TABLES.items():
         for choice in getattr(mod, table, {}):
-            if choice == "auto":
+            if choice == "auto" or (choice == "embedded" and "auto" in getattr(mod, table)):  # = the default run
                 continue
             extra = [] if choice == "embedded" else [x for n in HARDWARE if n in fields
                                                      for x in (flag(n), str(fields[n].default))]

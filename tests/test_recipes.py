@@ -257,8 +257,14 @@ def test_last_boxed():
 def test_row_system_prompt_reaches_the_chat_template(tiny_dir):
     tok = common.load_tokenizer(tiny_dir)
     rows = common.load_examples("math500:tests/data/math500.jsonl", need_response=False)
+    # the embedded character tokenizer refuses LaTeX ('$', '^', and the '\\boxed{}' of the Qwen-Math system prompt;
+    # issue 18), so the row keeps the first words of its system prompt and a question without LaTeX
+    with pytest.raises(common.UserError, match="cannot encode"):
+        common.tokenize_examples(tok, rows[1:2], 512, None, False)
+    rows = [{**r, "prompt": r["prompt"].replace("$", "").replace("^2", ""), "system": r["system"].split(",")[0]}
+            for r in rows]
     default, = common.tokenize_examples(tok, rows[1:2], 512, None, False)
-    assert tok.decode(default["prompt_ids"]).startswith("<|system|>Please reason step by step, and put your final")
+    assert tok.decode(default["prompt_ids"]).startswith("<|system|>Please reason step by step<|end|><|user|>What")
     mine, = common.tokenize_examples(tok, rows[1:2], 512, "Be brief.", False)  # an explicit system prompt wins
     assert tok.decode(mine["prompt_ids"]).startswith("<|system|>Be brief.<|end|><|user|>What is the value")
 

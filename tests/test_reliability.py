@@ -342,8 +342,7 @@ RANGE_CASES = [  # (method, flags, the error line): every numeric flag is checke
     ("sft", ["--grad-accum", "0"], "--grad-accum 0: must be >= 1 (a count)"),
     ("sft", ["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: must be in [0, 1]"),
     ("sft", ["--beta2", "1"], "--beta2 1.0: must be in [0, 1)"),
-    ("sft", ["--eval-size", "0"], "--eval-size 0: must be >= 1 (the held-out examples; --eval-every 0 evaluates "
-                                  "only at start and end)"),
+    ("sft", ["--eval-size", "-1"], "--eval-size -1: must be >= 0 (the held-out examples; 0: no held-out evaluation)"),
     ("grpo", ["--prompts-per-step", "0"], "--prompts-per-step 0: must be >= 1 (a count)"),
     ("grpo", ["--num-generations", "0"], "--num-generations 0: must be >= 1 (a count)"),
     ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1 (a count)"),

@@ -215,7 +215,7 @@ def test_relift_end_to_end_separate_optimizers_and_resume(tmp_path):
     assert train[0]["train/sft_steps"] >= 1 and train[0]["train/buffer_size"] + 2 * train[0]["train/sft_steps"] == (
         round(train[0]["train/frac_hardest"] * 8))  # every hardest prompt went into the buffer
     # two optimizers with their own state: RL stepped 2 x 3 times, the fine-tuning optimizer once per firing
-    ts = torch.load(a / "final" / "trainer_state.pt", weights_only=True)
+    ts = torch.load(a / "checkpoint-0000003" / "trainer_state.pt", weights_only=True)  # final/ has the model only
     (rl, ft) = ts["optimizers"]
     k = next(iter(rl["state"]))
     assert int(rl["state"][k]["step"]) == 6 and int(ft["state"][k]["step"]) == len(fired)
@@ -240,9 +240,9 @@ def test_relift_end_to_end_separate_optimizers_and_resume(tmp_path):
 def test_relift_ddp_ranks_fine_tune_together(tmp_path):
     """torchrun, 2 ranks: the buffer is gathered so both ranks take the fine-tuning step at the same time (a rank
     that skipped it would leave the other blocked in DDP's gradient all-reduce until the timeout)."""
-    torchrun(REPO / "methods" / "relift.py", *SMALL, "--max-steps", 2, "--save-every", 0, "--output-dir", tmp_path,
+    torchrun(REPO / "methods" / "relift.py", *SMALL, "--max-steps", 2, "--save-every", 2, "--output-dir", tmp_path,
              timeout=300)
     train = [r for r in _records(tmp_path) if "train/reward" in r]
     assert len(train) == 2 and train[-1]["train/sft_steps"] >= 1
-    state = json.loads((tmp_path / "final" / "state.json").read_text())
+    state = json.loads((tmp_path / "checkpoint-0000002" / "state.json").read_text())  # final/ has the model only
     assert len(state["buffer"]) == train[-1]["train/buffer_size"]
