@@ -64,6 +64,29 @@ def _or_none(tp):
     return convert
 
 
+def _resolve_tables(values, explicit, tables):
+    """Fill every field the user did not set from the chosen table entries (recipe, preset, variant): an `auto`
+    choice picks its entry from the other values (the embedded recipe for an embedded model), an entry may choose
+    another table's entry (a recipe its preset) and build on one of its own (base="paper"). Returns (values,
+    sources: {field: "recipe embedded"})."""
+    values, sources = dict(values), {}
+
+    def entry(table, choice):  # [(field, value, entry)]; `base="other"` puts entry `other` underneath
+        e = table[choice] if choice is not None else {}
+        return [*(entry(table, e["base"]) if "base" in e else []), *((k, v, choice) for k, v in e.items() if k != "base")]
+    for key, table in tables.items():
+        if values.get(key) == "auto":  # a table may pick its entry from the other values, e.g. the embedded recipe
+            values[key] = table["auto"](values)
+        for other, v, e in entry(table, values.get(key)):
+            if other in tables and other not in explicit:  # an entry may choose another table's (a recipe, its preset)
+                values[other], sources[other] = v, f"{key} {e}"
+    for key, table in tables.items():
+        for name, v, e in entry(table, values.get(key)):
+            if name not in explicit:
+                values[name], sources[name] = v, f"{key} {e}"
+    return values, sources
+
+
 def parse_args(cls, argv=None, presets=None, ranges=None):
     """Parse command-line flags into the dataclass `cls`.
 
@@ -76,6 +99,9 @@ def parse_args(cls, argv=None, presets=None, ranges=None):
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
+    # --help shows, beside each default, the value a run without flags uses when a table replaces it (the embedded
+    # recipe of the default embedded model, or a preset it chooses)
+    plain, plain_src = _resolve_tables({f.name: f.default for f in dataclasses.fields(cls)}, set(), presets or {})
     parser = argparse.ArgumentParser(description=(getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -93,27 +119,15 @@ def parse_args(cls, argv=None, presets=None, ranges=None):
             kw.update(type=_or_none(tp) if optional else tp)
         if presets and f.name in presets and "choices" not in kw:
             kw["choices"] = [c for c in presets[f.name] if c != "auto"] + (["auto"] if "auto" in presets[f.name] else [])
+        note = (f" [a run without flags uses {plain[f.name]!r}: {plain_src[f.name]}]"
+                if f.name in plain_src and plain[f.name] != f.default else "")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
-                            help=comments.get(f.name, " "), **kw)
+                            help=(comments.get(f.name, " ") + note).replace("%", "%%"), **kw)
     ns = parser.parse_args(argv)
     explicit = {a.dest for a in parser._actions if a.option_strings and any(
         o in (argv if argv is not None else sys.argv[1:]) or any(x.startswith(o + "=") for x in (argv or sys.argv[1:]))
         for o in a.option_strings)}
-    values, sources, tables = vars(ns), {}, presets or {}
-
-    def entry(table, choice):  # [(field, value, entry)]; `base="other"` puts entry `other` underneath
-        e = table[choice] if choice is not None else {}
-        return [*(entry(table, e["base"]) if "base" in e else []), *((k, v, choice) for k, v in e.items() if k != "base")]
-    for key, table in tables.items():
-        if values.get(key) == "auto":  # a table may pick its entry from the other values, e.g. the embedded recipe
-            values[key] = table["auto"](values)
-        for other, v, e in entry(table, values.get(key)):
-            if other in tables and other not in explicit:  # an entry may choose another table's (a recipe, its preset)
-                values[other], sources[other] = v, f"{key} {e}"
-    for key, table in tables.items():
-        for name, v, e in entry(table, values.get(key)):
-            if name not in explicit:
-                values[name], sources[name] = v, f"{key} {e}"
+    values, sources = _resolve_tables(vars(ns), explicit, presets or {})
     args = cls(**values)
     args._explicit = sorted(explicit)  # recorded in config.json
     args._sources = sources  # which table set which value (recorded in config.json, printed by --dry-run)

@@ -1,5 +1,6 @@
 """common.py: tokenisation masks, the embedded default, generation, rewards, checkpoints, distributed, bad inputs."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -267,3 +268,16 @@ def test_eval_metrics_greedy_and_mean_at_k():
     assert m["eval/accuracy"] == greedy and m["eval/sampled_accuracy"] == pytest.approx(expected)
     assert m == common.eval_metrics(model, tok, ex, common.exact_reward, d, A(eval_samples=3))
     assert 0 < expected < 1 and expected != greedy
+
+
+def test_help_shows_what_a_run_without_flags_uses():
+    """Issues 18 and 20: grpo.py's `lr: float = 1e-6` (the paper's) is not what `python methods/grpo.py` uses on the
+    embedded model; --help says so beside the default, with the table that replaces it."""
+    p = subprocess.run([sys.executable, str(REPO / "methods" / "grpo.py"), "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "400"})
+    assert p.returncode == 0, p.stderr
+    blocks = " ".join(p.stdout.split()).split(" --")  # one block per flag, argparse's line wrapping undone
+    lines = {"--" + b.split()[0]: b for b in blocks[1:]}
+    assert "[a run without flags uses 5e-05: recipe embedded] (default: 1e-06)" in lines["--lr"]
+    assert "[a run without flags uses 40: recipe embedded] (default: 1024)" in lines["--max-new-tokens"]
+    assert "a run without flags uses" not in lines["--beta"]  # not replaced: the default is what a run uses
