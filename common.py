@@ -1365,7 +1365,7 @@ def load_checkpoint(path, model, optimizers, schedulers, d):
 # Flags that may differ when a run is resumed: they change how far it goes, how often it is evaluated, saved and shown,
 # not what it computes. Any other difference from the run's config.json changes its trajectory: refused unless
 # --resume comes with --overwrite. (--max-steps also stretches a cosine schedule or a warmup given as a ratio.)
-RESUME_MAY_CHANGE = {"max_steps", "eval_every", "save_every", "keep_last", "quiet", "tensorboard", "report_to",
+RESUME_MAY_CHANGE = {"max_steps", "eval_every", "save_every", "keep_last", "quiet", "report_to",
                      "output_dir", "resume", "overwrite", "dry_run", "skip_nonfinite", "dist_timeout", "fast_paths"}
 
 
