@@ -723,7 +723,8 @@ def tokenize_examples(tokenizer, rows, max_length, system_prompt=None, with_resp
     check_encodable(tokenizer, rows, system_prompt)
     if not rows:  # e.g. a dataset of N <= --eval-size rows: all of it was held out for evaluation
         raise UserError("no training examples are left: without --eval-dataset, --eval-size rows of --dataset are held "
-                        "out for evaluation; pass --eval-dataset FILE, a smaller --eval-size, or --eval-size 0")
+                        "out for evaluation; pass --eval-dataset FILE, a smaller --eval-size, or --eval-size 0 "
+                        "(no held-out evaluation)")
     out, too_long, empty = [], 0, 0
     for r in rows:
         p = encode_prompt(tokenizer, r["prompt"], system_prompt if system_prompt is not None else r.get("system"))

@@ -559,7 +559,8 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
 
 def test_messages_name_the_flags_of_the_script(tiny_dir):
     """Messages from common.py name the flag the running script has: --max-prompt-length in the rollout files,
-    --max-length in the teacher-forcing ones; the held-out advice no longer suggests --eval-size 0."""
+    --max-length in the teacher-forcing ones; the held-out advice names --eval-size 0, which now means no held-out
+    evaluation."""
     from tests_util import load_method
     tok = common.load_tokenizer(tiny_dir)
     rows = [{"prompt": "12+34=" * 20, "response": "46", "answer": "46"}]
@@ -570,8 +571,8 @@ def test_messages_name_the_flags_of_the_script(tiny_dir):
         with pytest.raises(common.UserError, match=r"every one of the 1 examples was filtered out \(1 longer than 16 "
                                                    rf"tokens, 0 with an empty demonstration\); raise {flag}$"):
             common.tokenize_examples(tok, rows, 16, with_response=with_response)
-    with pytest.raises(common.UserError, match=r"pass --eval-dataset FILE, or an --eval-size \(>= 1\) below the "
-                                               "number of rows of --dataset$"):
+    with pytest.raises(common.UserError, match=r"pass --eval-dataset FILE, a smaller --eval-size, or --eval-size 0 "
+                                               r"\(no held-out evaluation\)$"):
         common.tokenize_examples(tok, [], 16)
 
 

@@ -306,7 +306,7 @@ def test_offline_hub_model_and_too_long_lengths_one_error_line(tmp_path):
 
 
 def test_no_future_warnings_from_our_generate_and_packed_passes(tiny_dir, tok):
-    from kernels.logprob import FusedLM
+    from kernels.engine import FusedLM
     model = common.load_model(tiny_dir)
     prompts = [common.encode_prompt(tok, "1+2="), common.encode_prompt(tok, "345+67=")]
     with warnings.catch_warnings():
