@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+import data  # noqa: E402
 
 # name -> (method file, extra flags); no extra flags = the method's own no-argument defaults
 RUNS = {
@@ -63,7 +64,7 @@ def run(name, out, threads):
 
 def build(stage, threads):
     t = time.time()
-    r = subprocess.run([sys.executable, "-c", f"import common; common.resolve_model({stage!r})"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-c", f"import common; data.resolve_model({stage!r})"], cwd=REPO,
                        env=_env(threads))
     if r.returncode:
         raise SystemExit(f"[demo] building {stage} failed (see the output above)")
@@ -133,7 +134,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // a.jobs)
     t0 = time.time()
-    common.resolve_model("embedded")
+    data.resolve_model("embedded")
     # 1. the shared starting points (methods/sft.py runs, cached under .cache/embedded) and every method, --jobs at
     # a time: the longest first, each run once the starting point it needs is built
     stages = ["embedded:teacher"] * ("kdrl" in names) + ["embedded:warm"] * any(n != "sft" for n in names)

@@ -1,6 +1,6 @@
 """Evaluate any checkpoint on the math benchmarks the papers report: MATH-500, AIME24, AIME25, AMC23, Minerva and
-OlympiadBench (hub names, splits and answer fields: the presets in common.DATASETS), scored with math-verify
-(common.math_reward). With --samples k the score is avg@k: the mean accuracy of k completions per problem.
+OlympiadBench (hub names, splits and answer fields: the presets in recipes.dataset_presets()), scored with math-verify
+(rollout.math_reward). With --samples k the score is avg@k: the mean accuracy of k completions per problem.
 
     python evaluate.py --model runs/grpo/final --benchmarks math500,aime24
     python evaluate.py --model Qwen/Qwen2.5-Math-1.5B --setting dft --generator vllm --dtype bfloat16
@@ -10,7 +10,7 @@ OlympiadBench (hub names, splits and answer fields: the presets in common.DATASE
 --setting chooses a paper's benchmarks and sampling (explicit flags win). A benchmark NAME:FILE reads a local copy
 (.jsonl/.parquet) with the hub's columns. The prompt is the benchmark's question in the model's chat template with
 a system prompt: the benchmark's (the Qwen2.5-Math chain-of-thought prompt, as DFT and Dr. GRPO evaluate) unless
---system-prompt names another (a common.PROMPTS key such as luffy, text, or none). Problems are sharded over ranks.
+--system-prompt names another (a recipes.datasets.PROMPTS key such as luffy, text, or none). Problems are sharded over ranks.
 """
 import json
 import os
@@ -21,6 +21,10 @@ from typing import Literal, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
+import recipes.datasets  # noqa: E402
+import recipes  # noqa: E402
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Args:
     temperature: float = 0.0  # sampling temperature (0: greedy)
     max_new_tokens: int = 4096  # completion length
     max_prompt_length: int = 2048  # longer prompts are skipped and counted
-    system_prompt: Optional[str] = None  # a common.PROMPTS name (qwen_math, luffy, chord), the text, or none; default: the benchmark's
+    system_prompt: Optional[str] = None  # a recipes.datasets.PROMPTS name (qwen_math, luffy, chord), the text, or none; default: the benchmark's
     limit: Optional[int] = None  # only the first N problems of each benchmark
     batch_size: int = 64  # prompts per generation call and rank
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a vLLM engine per rank
@@ -67,26 +71,26 @@ def main():
         "limit": (lambda v: v >= 1, ">= 1 (a count)")})
     # 1. setup: process group, model, tokenizer, optional vLLM engine
     d = common.setup_distributed(args.seed)
-    path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    model = common.load_model(path, args.dtype, args.trust_remote_code, device=d.device).eval()
-    engine = common.make_engine(args.generator, path, d, args.max_prompt_length + args.max_new_tokens)
-    system = None if args.system_prompt in (None, "none") else common.PROMPTS.get(args.system_prompt, args.system_prompt)
+    path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    model = data.load_model(path, args.dtype, args.trust_remote_code, device=d.device).eval()
+    engine = rollout.make_engine(args.generator, path, d, args.max_prompt_length + args.max_new_tokens)
+    system = None if args.system_prompt in (None, "none") else recipes.datasets.PROMPTS.get(args.system_prompt, args.system_prompt)
     log = print if d.is_main else (lambda *a: None)
 
     # 2. each benchmark: its preset's rows, the chat template, avg@k (sharded over ranks, summed by all_reduce)
     scores = {}
     for name in args.benchmarks.split(","):
-        preset = name.partition(":")[0] in common.DATASETS or name == "embedded"
+        preset = name.partition(":")[0] in recipes.dataset_presets() or name == "embedded"
         cols = {} if preset else dict(prompt_column=args.prompt_column, answer_column=args.answer_column)
-        rows = common.load_examples(name, args.dataset_split, **cols, need_response=False, embedded_split="eval",
+        rows = data.load_examples(name, args.dataset_split, **cols, need_response=False, embedded_split="eval",
                                     limit=args.limit, config=None if preset else args.dataset_config)
         if args.system_prompt == "none":
             rows = [{**r, "system": None} for r in rows]
-        examples = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, system, False, log)
-        reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, name)
+        examples = data.tokenize_examples(tokenizer, rows, args.max_prompt_length, system, False, log)
+        reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, name)
         t0 = common.timer()
-        scores[name] = common.evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, args.batch_size,
+        scores[name] = rollout.evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, args.batch_size,
                                        args.samples, args.temperature, engine)
         log(f"[eval] {name}: {100 * scores[name]:.1f} on {len(examples)} problems (avg@{args.samples}, temperature "
             f"{args.temperature}, {args.max_new_tokens} new tokens, {common.timer() - t0:.0f} s)")

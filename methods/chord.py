@@ -54,6 +54,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
                                reward_moments)  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
@@ -81,7 +83,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/chord.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -144,14 +146,18 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3",
+                 source="DeepSeekMath §4.2"),
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0,
+                    source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
-                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+                 overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
 }
 VARIANTS = {  # Trinity examples/mix_chord/mix_chord.yaml comments; the paper as summarised (spec §2)
-    "mu": dict(mu_warmup_steps=0, mu_decay_steps=200, mu_peak=0.9, mu_valley=0.05, sft_weighting="none"),
-    "phi": dict(mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1, mu_valley=0.1, sft_weighting="phi"),
+    "mu": dict(mu_warmup_steps=0, mu_decay_steps=200, mu_peak=0.9, mu_valley=0.05, sft_weighting="none",
+               source="CHORD-mu: mu cosine 0.9 -> 0.05 over 200 steps, plain NLL (mix_chord.yaml comments)"),
+    "phi": dict(mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1, mu_valley=0.1, sft_weighting="phi",
+                source="CHORD-phi: mu fixed at 0.1, phi-weighted SFT (mix_chord.yaml comments)"),
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
@@ -163,32 +169,6 @@ RECIPES = {
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
                      mu_decay_steps=150),  # CHORD demo setting: the mu variant decays within the 150-step run (paper 200)
-    # --- paper recipes (GPU cluster; check with --dry-run): CHORD (arXiv 2508.11408), math setting, Trinity-RFT
-    # examples/mix_chord (mix_chord.yaml, get_openr1_data.py); spec methods_b.md §2 ---
-    "paper": dict(
-        model="Qwen/Qwen2.5-7B-Instruct",  # CHORD math policy model
-        dataset="openr1_chord_rl",  # get_openr1_data.py RL set (20k sampled without a fixed seed, not released: all rows that pass)
-        expert_dataset="openr1_chord_sft",  # get_openr1_data.py SFT set (5k sampled, not released: all rows that pass)
-        system_prompt=common.PROMPTS["chord"],  # get_openr1_data.py SYSTEM_PROMPT (for the RL prompts: UNKNOWN, our choice the same)
-        variant="phi",  # CHORD-phi, the full method (the paper's best: AMC 62.5, AIME24 18.2, AIME25 17.2)
-        num_generations=8,  # repeat_times 8 (its comment: 16 for better performance in math)
-        prompts_per_step=32,  # buffer batch_size 32 (x 8 = 256 on-policy experiences)
-        expert_data_ratio=0.2,  # expert_data_ratio 0.20: 64 expert + 256 on-policy = ppo_mini_batch_size 320
-        steps_per_generation=1,  # ppo_mini_batch_size 320 = train_batch_size 320: one optimizer step per step
-        max_prompt_length=1024,  # max_model_len 11264 - max_response_tokens 10240
-        max_new_tokens=10240,  # max_response_tokens 10240
-        lr=1e-6,  # mix_chord.yaml (its comment: 5e-6 with warmup can be better for SFT)
-        max_steps=2500,  # total_epochs 4 over 20k prompts at 32 per step (the paper's length: UNKNOWN)
-        grad_accum=10,  # ppo_micro_batch_size_per_gpu 4: 40 sequences per GPU in 10 micro-batches (8 GPUs)
-        eval_dataset="aime24",  # CHORD reports AIME24, AIME25, AMC (and MMLU-Pro)
-        eval_size=30,  # all of AIME 2024
-        eval_every=10,  # explorer eval_interval 10
-        generator="vllm",  # vllm_async rollout engines (ours: a colocated engine per rank)
-        bf16=True,  # rollout dtype bfloat16; our choice: bf16 autocast with fp32 master weights
-        fsdp=True,  # verl trainer (FSDP)
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
-    "mu": dict(base="paper", variant="mu"),  # CHORD-mu: mu cosine 0.9 -> 0.05 over 200 steps, plain NLL
 }
 
 
@@ -279,41 +259,29 @@ def main():
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    common.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
                          f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=False, embedded_split="rl")
-    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
-    expert_rows = common.load_examples(args.expert_dataset, args.dataset_split, args.prompt_column,
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=False, embedded_split="rl")
+    train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
+    expert_rows = data.load_examples(args.expert_dataset, args.dataset_split, args.prompt_column,
                                        args.response_column, args.answer_column, True, "sft")  # CHORD
-    expert = common.tokenize_examples(tokenizer, expert_rows, args.max_prompt_length + args.max_new_tokens,
+    expert = data.tokenize_examples(tokenizer, expert_rows, args.max_prompt_length + args.max_new_tokens,
                                       args.system_prompt, True, print)  # CHORD: prompt + demonstration + EOS
     G = args.num_generations
-    if G < 2 and args.scale_rewards != "none":
-        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
-                               "per prompt (a group of one has advantage 0 and nothing is learned)")
-    if args.prompts_per_step % d.world_size:
-        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
-                               f"{d.world_size}")
-    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
-    if n_local % (args.steps_per_generation * args.grad_accum):
-        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
-                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
-        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
-                               "(DeepSeekMath: 0.04)")
+    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
     e_local = expert_batch_size(args.expert_data_ratio, args.prompts_per_step * G, d.world_size) // d.world_size
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
-    ref = (FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
+    ref = (FusedLM(data.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
                    fast=args.fast_paths).eval() if args.beta > 0 else None)
-    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    engine = rollout.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
@@ -333,7 +301,7 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
         return accs
 
@@ -344,22 +312,23 @@ def main():
         # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
-            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
-                                                            d.world_size)]
+            batch_no = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in data.batch_indices(len(train), args.prompts_per_step, batch_no, args.seed,
+                                                            d.rank, d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
-            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+            comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
             texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
             for j, e in enumerate(batch):
-                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
-                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
-                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
-                                                                    args.overlong_penalty))
-                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
-                                                       texts[j * G:(j + 1) * G]))]
-                equal = len({s["reward"] for s in g}) == 1
-                (dropped if args.dynamic_sampling and equal else kept).append(g)
+                group = []
+                for i in range(j * G, (j + 1) * G):
+                    reward = reward_fn(texts[i], e) + overlong_penalty(
+                        len(comps[i]), args.max_new_tokens, args.overlong_buffer_ratio * args.max_new_tokens,
+                        args.overlong_penalty)
+                    group.append(dict(example=e, completion=comps[i], finished=fin[i],
+                                      gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
+                equal = len({s["reward"] for s in group}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(group)
             tries += 1
         # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
         groups = (kept + dropped)[: n_local // G]
@@ -371,11 +340,11 @@ def main():
         group_index = torch.arange(len(samples)) // G
         moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
-        experts = [expert[i] for i in common.batch_indices(len(expert), e_local * d.world_size, step - 1,
+        experts = [expert[i] for i in data.batch_indices(len(expert), e_local * d.world_size, step - 1,
                                                            args.seed + 1, d.rank, d.world_size)]  # CHORD
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
         seqs += [(e["prompt_ids"], e["response_ids"]) for e in experts]  # CHORD: rows n_local.. are expert rows
-        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        full = data.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
             full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples] + [1.0] * len(experts),
                                               device=d.device)[:, None]
@@ -396,7 +365,7 @@ def main():
         for _ in range(args.num_iterations):
             for mini, mini_e in zip(torch.arange(n_local).chunk(args.steps_per_generation),
                                     torch.arange(n_local, n_local + e_local).tensor_split(args.steps_per_generation)):
-                mbs = [{k: v[torch.cat([idx, idx_e])] for k, v in full.items()}
+                mbs = [{name: v[torch.cat([idx, idx_e])] for name, v in full.items()}
                        for idx, idx_e in zip(mini.chunk(args.grad_accum), mini_e.tensor_split(args.grad_accum))]
                 # CHORD: two normalizers, on-policy and expert, each counted over the whole step
                 normalizer = common.all_reduce(sum(normalizer_count(b["loss_mask"][~b["is_expert"]], args.loss_agg)
@@ -405,8 +374,8 @@ def main():
                     min=1) / d.world_size
                 mu = mu_schedule((step - 1) * args.num_iterations * args.steps_per_generation + n_opt,
                                  args.mu_warmup_steps, args.mu_decay_steps, args.mu_peak, args.mu_valley)  # CHORD
-                for k, b in enumerate(mbs):
-                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                for micro, b in enumerate(mbs):
+                    with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = chord_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
@@ -439,7 +408,7 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         lengths = torch.tensor([float(len(s["completion"])) for s in samples])
         std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
-        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
                         "train/frac_zero_std_groups": (std_g == 0).float().mean(),
                         "train/completion_length": lengths.mean(), "train/mu": mu,

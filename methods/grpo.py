@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
                                reward_moments)  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
@@ -64,7 +66,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/grpo.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -118,10 +120,12 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3",
+                 source="DeepSeekMath §4.2"),
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0,
+                    source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
-                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+                 overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
@@ -132,77 +136,6 @@ RECIPES = {
     # fell to 0.31)
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7),
-    # --- paper recipes (GPU cluster; check with --dry-run); spec methods_a.md §3 ---
-    "paper": dict(  # GRPO as in DeepSeekMath (arXiv 2402.03300) §4.2
-        model="deepseek-ai/deepseek-math-7b-instruct",  # DeepSeekMath §4.2: RL from DeepSeekMath-Instruct 7B
-        dataset="math_train",  # UNKNOWN: its ~144k GSM8K/MATH questions are not released (our choice: MATH train)
-        preset="grpo",  # DeepSeekMath Eq. 3: std-normalised A, per-sequence token mean, k3 KL, beta 0.04
-        reward="math",  # deviation: DeepSeekMath scores with a reward model (not released); math-verify here
-        num_generations=64,  # DeepSeekMath §4.2: 64 outputs per question
-        prompts_per_step=16,  # DeepSeekMath §4.2: batch 1024 (read as 16 questions x 64 outputs)
-        steps_per_generation=1,  # DeepSeekMath §4.2: a single update per exploration stage
-        max_prompt_length=1024,  # UNKNOWN (our choice)
-        max_new_tokens=1024,  # DeepSeekMath §4.2: max length 1024
-        lr=1e-6,  # DeepSeekMath §4.2
-        max_steps=500,  # UNKNOWN (our choice)
-        grad_accum=16,  # our choice: 8 sequences per micro-batch on 8 GPUs (does not change the gradient)
-        eval_dataset="math500",  # DeepSeekMath reports MATH (our choice: MATH-500)
-        eval_size=500,  # all of MATH-500
-        eval_every=25,  # UNKNOWN in the sources (our choice)
-        generator="vllm",  # our choice for GPUs: a colocated vLLM engine per rank
-        bf16=True,  # our choice: bf16 autocast with fp32 master weights (as verl)
-        fsdp=True,  # our choice: FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
-    "dr_grpo": dict(  # Dr. GRPO (arXiv 2503.20783), Oat-Zero-7B: understand-r1-zero examples/qwen2.5-math-7b.sh
-        model="Qwen/Qwen2.5-Math-7B",  # Oat-Zero-7B's base (README)
-        dataset="math_lvl3to5",  # MATH level 3-5 (README); their 8k file is not on the hub: MATH-lighteval train, levels 3-5
-        system_prompt=common.PROMPTS["qwen_math"],  # the Qwen-Math template (README), also at evaluation
-        preset="dr_grpo",  # critic_type drgrpo: A = R - mean, token sum / generate_max_length, beta 0
-        reward="math",  # --oracle math, verifier math_verify
-        num_generations=8,  # N_SAMPLE=8
-        prompts_per_step=128,  # rollout_batch_size 128 prompts = 1024 samples (the spec reads 16 x 8; oat's buffer holds 128 x 8 / 8 GPUs)
-        steps_per_generation=8,  # train_batch_size 128 samples per optimizer step: 1024 / 128
-        max_prompt_length=1024,  # prompt_max_length 1024
-        max_new_tokens=3000,  # generate_max_length 3000 (also eval_generate_max_length)
-        lr=1e-6,  # learning_rate 1e-6, lr_scheduler constant
-        beta2=0.95,  # oat OATArgs default adam_beta_2 (the script sets none)
-        weight_decay=0.0,  # oat OATArgs default l2
-        max_steps=1330,  # UNKNOWN: the script allows 20 epochs (~1330 rollout steps over ~8.5k prompts); the paper ran 27 h
-        grad_accum=16,  # train_batch_size_per_device 1: 16 micro-batches of 1 per GPU (does not change the gradient)
-        eval_dataset="math500",  # one of Oat-Zero's five benchmarks (all five: evaluate.py --setting dr_grpo)
-        eval_size=500,  # all of MATH-500
-        eval_every=16,  # eval_steps 16
-        generator="vllm",  # our choice for GPUs: a colocated vLLM engine per rank
-        bf16=True,  # our choice: bf16 autocast with fp32 master weights (the script: --bf16)
-        fsdp=True,  # our choice: FSDP
-        gradient_checkpointing=True,  # our choice: the script: --gradient-checkpointing
-    ),
-    "dr_grpo_1.5b": dict(base="dr_grpo", model="Qwen/Qwen2.5-Math-1.5B"),  # Dr. GRPO Table 6: all experiments, also 1.5B
-    "dapo": dict(  # DAPO (arXiv 2503.14476) §5 and verl docs/algo/dapo.md: Qwen2.5-32B on DAPO-Math-17k
-        model="Qwen/Qwen2.5-32B",  # DAPO §5 base model
-        dataset="dapo_math_17k",  # DAPO-Math-17k (the "Answer:" instruction is part of each prompt)
-        preset="dapo",  # clip-higher 0.28, token-level loss, dynamic sampling, overlong shaping 4096 of 20480, no KL
-        reward="math",  # DAPO reads the "Answer:" line (the preset's answer_format); deviation: math-verify compares it
-        num_generations=16,  # DAPO §5: 16 responses per prompt
-        prompts_per_step=512,  # DAPO §5: prompt batch 512
-        steps_per_generation=16,  # DAPO §5: mini-batch 32 prompts (512 responses), 16 updates per rollout step
-        max_gen_batches=3,  # gen_batch_size 1536 = 3 x 512 prompts (verl's max_num_gen_batches: UNKNOWN)
-        max_prompt_length=2048,  # UNKNOWN in the spec (our choice: 2 x 1024)
-        max_new_tokens=20480,  # DAPO §5: 16384 + 4096 overlong buffer
-        lr=1e-6,  # DAPO §5: constant 1e-6
-        warmup_steps=20,  # DAPO §5: 20-step linear warmup
-        weight_decay=0.1,  # UNKNOWN: third-party DAPO-style verl scripts (the official run script was not read)
-        max_steps=500,  # UNKNOWN (our choice)
-        grad_accum=64,  # our choice: 1 sequence per micro-batch on 8 GPUs (DAPO ran 128 GPUs: WORLD_SIZE=128 --grad-accum 4)
-        eval_dataset="aime24",  # DAPO §5 reports AIME 2024 (avg@32: evaluate.py --setting dapo)
-        eval_size=30,  # all of AIME 2024
-        eval_every=25,  # UNKNOWN in the sources (our choice)
-        generator="vllm",  # our choice for GPUs: a colocated vLLM engine per rank
-        bf16=True,  # our choice: bf16 autocast with fp32 master weights (as verl)
-        fsdp=True,  # our choice: FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
 }
 
 
@@ -238,36 +171,24 @@ def main():
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    common.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
                          f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=False, embedded_split="rl")
-    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=False, embedded_split="rl")
+    train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    if G < 2 and args.scale_rewards != "none":
-        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
-                               "per prompt (a group of one has advantage 0 and nothing is learned)")
-    if args.prompts_per_step % d.world_size:
-        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
-                               f"{d.world_size}")
-    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
-    if n_local % (args.steps_per_generation * args.grad_accum):
-        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
-                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
-        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
-                               "(DeepSeekMath: 0.04)")
+    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
-    ref = (FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
+    ref = (FusedLM(data.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
                    fast=args.fast_paths).eval() if args.beta > 0 else None)
-    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    engine = rollout.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
@@ -286,7 +207,7 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
         return accs
 
@@ -297,22 +218,23 @@ def main():
         # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
-            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
-                                                            d.world_size)]
+            batch_no = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in data.batch_indices(len(train), args.prompts_per_step, batch_no, args.seed,
+                                                            d.rank, d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
-            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+            comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
             texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
             for j, e in enumerate(batch):
-                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
-                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
-                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
-                                                                    args.overlong_penalty))
-                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
-                                                       texts[j * G:(j + 1) * G]))]
-                equal = len({s["reward"] for s in g}) == 1
-                (dropped if args.dynamic_sampling and equal else kept).append(g)
+                group = []
+                for i in range(j * G, (j + 1) * G):
+                    reward = reward_fn(texts[i], e) + overlong_penalty(
+                        len(comps[i]), args.max_new_tokens, args.overlong_buffer_ratio * args.max_new_tokens,
+                        args.overlong_penalty)
+                    group.append(dict(example=e, completion=comps[i], finished=fin[i],
+                                      gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
+                equal = len({s["reward"] for s in group}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(group)
             tries += 1
         # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
         groups = (kept + dropped)[: n_local // G]
@@ -325,7 +247,7 @@ def main():
         moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
-        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        full = data.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
             full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
         full["advantages"] = adv.to(d.device)
@@ -343,11 +265,11 @@ def main():
         stats, n_opt = {}, 0
         for _ in range(args.num_iterations):
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
-                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                mbs = [{name: v[idx] for name, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
                     sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
-                for k, b in enumerate(mbs):
-                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                for micro, b in enumerate(mbs):
+                    with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = grpo_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
@@ -377,7 +299,7 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         lengths = torch.tensor([float(len(s["completion"])) for s in samples])
         std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
-        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
                         "train/frac_zero_std_groups": (std_g == 0).float().mean(),
                         "train/completion_length": lengths.mean(),

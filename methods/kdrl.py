@@ -61,6 +61,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
                                reward_moments)  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
@@ -88,7 +90,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/kdrl.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -148,10 +150,12 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2),  # DeepSeekMath §4.2 (kdrl: KL is the KD term)
-    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2),  # Dr. GRPO §3.2, oat code
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2,
+                 source="DeepSeekMath §4.2 (kdrl: KL is the KD term)"),
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2,
+                    source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, dynamic_sampling=True,
-                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+                 overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
@@ -162,34 +166,6 @@ RECIPES = {
     # fell to 0.31)
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7),
-    # --- paper recipes (GPU cluster; check with --dry-run): KDRL (arXiv 2506.02208). No official code was found; the
-    # values come from secondary sources (spec methods_b.md §5); the training set, G, lr, lengths and batch are
-    # UNKNOWN there and set to our choices ---
-    "paper": dict(
-        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",  # the student (third-party, several sources)
-        teacher="Skywork/Skywork-OR1-Math-7B",  # the teacher (third-party, several sources; same tokenizer family)
-        dataset="dapo_math_17k",  # UNKNOWN training set (our choice: the instruction sits in the user turn, as R1 models expect)
-        beta=5e-3, beta_decay=5e-5, beta_min=1e-3,  # §3.3 linear annealing 5e-3 -> 1e-3 over 80 steps (third-party)
-        kl_estimator="k2",  # §3.2: k2 works best (third-party; the reverse-KL gradient)
-        kd_mask="none",  # KDRL-Annealing, the best reported (57.2); `--recipe masking` for KDRL-masking
-        scale_rewards="group",  # std-normalised GRPO assumed (spec pseudocode)
-        num_generations=8,  # UNKNOWN (our choice)
-        prompts_per_step=128,  # UNKNOWN (our choice)
-        steps_per_generation=1,  # UNKNOWN (our choice)
-        max_prompt_length=1024,  # UNKNOWN (our choice)
-        max_new_tokens=8192,  # UNKNOWN (our choice)
-        lr=1e-6,  # UNKNOWN (our choice)
-        max_steps=280,  # about 280 steps (third-party)
-        grad_accum=32,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
-        eval_dataset="aime24",  # UNKNOWN benchmark list ("six math benchmarks"; our choice: AIME 2024)
-        eval_size=30,  # all of AIME 2024
-        eval_every=20,  # UNKNOWN in the sources (our choice)
-        generator="vllm",  # our choice for GPUs: a colocated vLLM engine per rank
-        bf16=True,  # our choice: bf16 autocast with fp32 master weights
-        fsdp=True,  # our choice: FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
-    "masking": dict(base="paper", kd_mask="response"),  # §3.4 KDRL-masking: KD only on incorrect responses (third-party)
 }
 
 
@@ -277,41 +253,32 @@ def overlong_penalty(length, max_len, buffer, penalty):
 def main():
     args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
-        return common.dry_run(args, frozen=[args.teacher])  # kdrl: the frozen teacher
+        return common.dry_run(args, frozen=[args.teacher])  # KDRL: the frozen teacher
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    check_kd_args(args)  # kdrl
-    teacher_path = common.resolve_model(args.teacher, d)  # kdrl: embedded:teacher is built once and cached
-    check_teacher(tokenizer, common.load_tokenizer(teacher_path, args.trust_remote_code, args.chat_template), args.model, args.teacher)
-    common.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    check_kd_args(args)  # KDRL
+    teacher_path = data.resolve_model(args.teacher, d)  # KDRL: embedded:teacher is built once and cached
+    check_teacher(tokenizer, data.load_tokenizer(teacher_path, args.trust_remote_code, args.chat_template), args.model, args.teacher)
+    data.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
                          f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=False, embedded_split="rl")
-    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=False, embedded_split="rl")
+    train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    if G < 2 and args.scale_rewards != "none":
-        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
-                               "per prompt (a group of one has advantage 0 and nothing is learned)")
-    if args.prompts_per_step % d.world_size:
-        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
-                               f"{d.world_size}")
-    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
-    if n_local % (args.steps_per_generation * args.grad_accum):
-        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
-                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
+    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
 
     # 2. models: policy (fused log-prob head), frozen teacher, generator
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
-    teacher = FusedLM(common.load_model(teacher_path, args.dtype, args.trust_remote_code, device=d.device),
+    teacher = FusedLM(data.load_model(teacher_path, args.dtype, args.trust_remote_code, device=d.device),
                       fast=args.fast_paths).eval()
-    teacher.requires_grad_(False)  # kdrl: the teacher replaces grpo's reference model
-    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    teacher.requires_grad_(False)  # KDRL: the teacher replaces grpo's reference model
+    engine = rollout.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
@@ -330,7 +297,7 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
         return accs
 
@@ -341,22 +308,23 @@ def main():
         # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
-            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
-                                                            d.world_size)]
+            batch_no = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in data.batch_indices(len(train), args.prompts_per_step, batch_no, args.seed,
+                                                            d.rank, d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
-            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+            comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
             texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
             for j, e in enumerate(batch):
-                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
-                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
-                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
-                                                                    args.overlong_penalty))
-                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
-                                                       texts[j * G:(j + 1) * G]))]
-                equal = len({s["reward"] for s in g}) == 1
-                (dropped if args.dynamic_sampling and equal else kept).append(g)
+                group = []
+                for i in range(j * G, (j + 1) * G):
+                    reward = reward_fn(texts[i], e) + overlong_penalty(
+                        len(comps[i]), args.max_new_tokens, args.overlong_buffer_ratio * args.max_new_tokens,
+                        args.overlong_penalty)
+                    group.append(dict(example=e, completion=comps[i], finished=fin[i],
+                                      gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
+                equal = len({s["reward"] for s in group}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(group)
             tries += 1
         # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
         groups = (kept + dropped)[: n_local // G]
@@ -369,11 +337,11 @@ def main():
         moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
-        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        full = data.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
             full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
         full["advantages"] = adv.to(d.device)
-        full["kd_mask"] = full["loss_mask"] * kd_sample_mask(rewards, G, args.kd_mask).to(d.device)[:, None]  # kdrl
+        full["kd_mask"] = full["loss_mask"] * kd_sample_mask(rewards, G, args.kd_mask).to(d.device)[:, None]  # KDRL
 
         # 5. old and teacher log-probs (no grad), computed once per rollout batch
         with torch.no_grad(), autocast:
@@ -381,20 +349,20 @@ def main():
                 full["old_logp"] = model(full["input_ids"], full["attention_mask"], full["loss_mask"],
                                          args.temperature)["logp"]
             full["teacher_logp"] = teacher(full["input_ids"], full["attention_mask"], full["loss_mask"],
-                                           args.temperature)["logp"]  # kdrl: the student's tokens, same temperature
+                                           args.temperature)["logp"]  # KDRL: the student's tokens, same temperature
 
         # 6. policy update: --num-iterations passes x --steps-per-generation optimizer steps x --grad-accum micro
         stats, n_opt = {}, 0
-        beta = kd_beta(step, args.beta, args.beta_decay, args.beta_min)  # kdrl: annealed KD coefficient
+        beta = kd_beta(step, args.beta, args.beta_decay, args.beta_min)  # KDRL: annealed KD coefficient
         for _ in range(args.num_iterations):
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
-                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                mbs = [{name: v[idx] for name, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
                     sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
                 kd_normalizer = (common.all_reduce(sum(b["kd_mask"].sum() for b in mbs)).clamp(min=1) / d.world_size
-                                 if args.kd_norm == "kept" else None)  # kdrl: no kept token anywhere -> KD term 0
-                for k, b in enumerate(mbs):
-                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                                 if args.kd_norm == "kept" else None)  # KDRL: no kept token anywhere -> KD term 0
+                for micro, b in enumerate(mbs):
+                    with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = kdrl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
@@ -425,10 +393,10 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         lengths = torch.tensor([float(len(s["completion"])) for s in samples])
         std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
-        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
                         "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(), "train/beta": beta,  # kdrl
+                        "train/completion_length": lengths.mean(), "train/beta": beta,  # KDRL
                         "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
                         "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
         if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync

@@ -42,6 +42,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import aggregate, normalizer_count  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
 from kernels.logprob import expected_reward_logprob, fused_logprobs, sample_tokens  # noqa: E402
@@ -69,7 +71,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     max_new_tokens: int = 64  # evaluation generation length
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/otr.py
     # --- optimisation ---
     max_steps: int = 400  # optimizer steps (DFT paper: 1 epoch of 100k at batch 256 = 390 steps)
     batch_size: int = 256  # sequences per optimizer step, all ranks and micro-batches (DFT paper)
@@ -114,30 +116,6 @@ RECIPES = {
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
     "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40,
                      eval_samples=4, eval_temperature=0.7),
-    # --- paper recipes (GPU cluster; check with --dry-run): OTR (arXiv 2509.26313) has no official code, and its
-    # training setting was not found beyond "OTR and SFT were trained using identical settings" (reviewer 4): every
-    # optimizer value below is marked UNKNOWN and is the DFT paper's SFT setting (sft.py --recipe paper) ---
-    "paper": dict(
-        model="Qwen/Qwen2.5-Math-1.5B",  # UNKNOWN (reviews: Qwen-series models only; our choice: DFT's main model)
-        dataset="numina_cot",  # UNKNOWN (a later paper says OTR used NuminaMath-CoT; our choice: DFT's 100k)
-        num_demos=100_000,  # UNKNOWN (our choice: DFT's first 100k rows)
-        max_length=2048,  # UNKNOWN (our choice: DFT's)
-        batch_size=256,  # UNKNOWN (our choice: DFT's)
-        grad_accum=8,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
-        max_steps=390,  # UNKNOWN (our choice: DFT's 1 epoch of 100k at 256)
-        lr=5e-5,  # UNKNOWN (our choice: DFT's; same optimizer as SFT per the reviews)
-        eval_dataset="math500",  # OTR evaluates on math (GSM8K, MATH, ...); our choice: MATH-500
-        eval_size=500,  # all of MATH-500
-        max_new_tokens=4096,  # UNKNOWN (our choice: DFT's evaluation length)
-        eval_every=100,  # UNKNOWN in the sources (our choice)
-        bf16=True,  # UNKNOWN (our choice: bf16 autocast with fp32 master weights)
-        fsdp=True,  # our choice: FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-        num_samples=256,  # K = 256 (the paper, via two reviews)
-        kappa=1.3,  # the paper's example value (third-party code: 1.2)
-        beta=-0.1,  # UNKNOWN in the paper (third-party implementation: -0.1)
-        loss_agg="seq_mean_token_mean",  # the paper's 1/T per sequence (reviews)
-    ),
 }
 
 
@@ -190,21 +168,21 @@ def main():
     args = common.parse_args(Args, presets={"recipe": RECIPES}, ranges={"beta": None})  # not a KL coefficient here
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args)
-    check_args(args)  # otr
+    check_args(args)  # OTR
     # 1. setup: process group, output directory, tokenizer and data
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    common.check_context(model_path, args.max_length, f"--max-length {args.max_length}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=True, embedded_split="sft", need_answer=False)
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_length, f"--max-length {args.max_length}")
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=True, embedded_split="sft", need_answer=False)
     rows = rows[:args.num_demos] if args.num_demos else rows
-    train = common.tokenize_examples(tokenizer, rows, args.max_length, args.system_prompt, log=print)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_length, args.system_prompt, False, log=print, heldout=True)
+    train = data.tokenize_examples(tokenizer, rows, args.max_length, args.system_prompt, log=print)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_length, args.system_prompt, False, log=print, heldout=True)
 
     # 2. model, optimizer, schedule (FusedLM: the log-softmax over the vocabulary is fused and chunked)
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
@@ -221,7 +199,7 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
         log.log(step, accs)
         return accs
 
@@ -230,9 +208,9 @@ def main():
     for step in range(start + 1, args.max_steps + 1):
         t0 = common.timer()
         # 3. batch: this rank's share of the step, split into micro-batches
-        idx = common.batch_indices(len(train), args.batch_size, step - 1, args.seed, d.rank, d.world_size)
-        micro = common.split_micro(idx, args.grad_accum)
-        mbs = [common.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
+        idx = data.batch_indices(len(train), args.batch_size, step - 1, args.seed, d.rank, d.world_size)
+        micro = data.split_micro(idx, args.grad_accum)
+        mbs = [data.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
                               tokenizer.pad_token_id, d.device) for mb in micro]
         tokens_seen += sum(len(train[i]["prompt_ids"]) + len(train[i]["response_ids"]) for i in idx)  # host-side count
         # the normalizer counts the whole step (all micro-batches, all ranks) / world size (DDP averages)
@@ -240,10 +218,10 @@ def main():
 
         # 4. loss and backward, one micro-batch at a time
         stats = {"nll_sum": 0.0, "tokens": 0.0, "loss": 0.0, "hit_sum": 0.0}
-        for k, b in enumerate(mbs):
-            with common.no_sync(model, k == len(mbs) - 1), autocast:
-                # otr: the draws depend only on (seed, step, rank, micro-batch): reproducible, and --resume redraws them
-                gen = torch.Generator(d.device).manual_seed(((args.seed * 1_000_003 + step) * 1024 + d.rank) * 64 + k)
+        for micro, b in enumerate(mbs):
+            with common.no_sync(model, micro == len(mbs) - 1), autocast:
+                # OTR: the draws depend only on (seed, step, rank, micro-batch): reproducible, and --resume redraws them
+                gen = torch.Generator(d.device).manual_seed(((args.seed * 1_000_003 + step) * 1024 + d.rank) * 64 + micro)
                 head = otr_head(args.num_samples, args.kappa, args.beta, args.exact, gen)
                 o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], head=head)  # logp, rewards (B, L, K)
                 loss, m = otr_loss(o["logp"], b["loss_mask"], normalizer, rewards=o["rewards"], loss_agg=args.loss_agg)
@@ -267,7 +245,7 @@ def main():
 
         # 6. log, evaluate, checkpoint
         nll = common.all_reduce(torch.stack([stats["nll_sum"], stats["tokens"], stats["hit_sum"]]).double())
-        metrics["train/frac_draws_gt"] = (nll[2] / nll[1]).item()  # otr
+        metrics["train/frac_draws_gt"] = (nll[2] / nll[1]).item()  # OTR
         metrics.update({"train/nll": (nll[0] / nll[1]).item(), "train/lr": scheduler.get_last_lr()[0],
                         "perf/step_time": common.timer() - t0, "perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})

@@ -14,8 +14,8 @@ only if it is among the top 20% highest-entropy prefix tokens (entropy clipping;
 
 Differs from grpo.py by:
 - rollout: G-1 ordinary completions + --num-prefix hybrids per prompt. A hybrid is built in token space: the first L
-  tokens of the demonstration (common.tokenize_examples' response_ids) are appended to the templated prompt and the
-  policy continues after them (common.generate, n=1); the training sequence is prompt + prefix + continuation, the
+  tokens of the demonstration (data.tokenize_examples' response_ids) are appended to the templated prompt and the
+  policy continues after them (rollout.generate, n=1); the training sequence is prompt + prefix + continuation, the
   loss mask covers prefix + continuation and `prefix_mask` marks the prefix. The response (prefix + continuation) is
   cut to --max-new-tokens, as the official post_process_gen_batch truncates it.
 - prefix sampler `sample_prefix_len`: a pure function of (step, seed, sample key) with its own numpy RNG (a run is
@@ -72,6 +72,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
                                reward_moments)  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
@@ -99,7 +101,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/prefix_rft.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -164,10 +166,12 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3",
+                 source="DeepSeekMath §4.2"),
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0,
+                    source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
-                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
+                 overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
@@ -178,40 +182,7 @@ RECIPES = {
     # fell to 0.31)
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
-                     prefix_decay_steps=150),  # prefix-rft: a demo horizon (the paper's is unknown)
-    # --- paper recipes (GPU cluster; check with --dry-run): Prefix-RFT (arXiv 2507.01679). The repository ships no
-    # run configuration: values are from prefix_rft_trainer.yaml and the paper as summarised (spec methods_b.md §3);
-    # what neither gives is UNKNOWN and set as LUFFY's (same data, same comparisons) ---
-    "paper": dict(
-        model="Elliott/Qwen2.5-Math-7B-16k-think",  # paper: Qwen2.5-Math-7B; UNKNOWN how its 4k context was extended (our choice: LUFFY's 16k copy)
-        dataset="openr1_46k",  # LUFFY's OpenR1 46k subset, one R1 demonstration per problem
-        system_prompt=common.PROMPTS["luffy"],  # UNKNOWN (our choice: the data's own system prompt, LUFFY's)
-        num_generations=8,  # N = 8 (7 on-policy + 1 hybrid): inferred from the LUFFY-matched setup (spec)
-        num_prefix=1,  # the paper: the N-th member is the hybrid
-        prompts_per_step=128,  # UNKNOWN (our choice: LUFFY's train_batch_size 128)
-        steps_per_generation=2,  # UNKNOWN (our choice: LUFFY's ppo_mini_batch_size 64)
-        max_prompt_length=1024,  # UNKNOWN (our choice: LUFFY's)
-        max_new_tokens=8192,  # UNKNOWN (our choice: LUFFY's; the demonstrations are <= 8192 tokens)
-        lr=1e-6,  # prefix_rft_trainer.yaml (constant)
-        weight_decay=0.01,  # prefix_rft_trainer.yaml
-        max_grad_norm=1.0,  # prefix_rft_trainer.yaml grad_clip
-        entropy_coef=0.001,  # prefix_rft_trainer.yaml entropy_coeff
-        dual_clip=3.0,  # core_algos.compute_policy_loss clip_ratio_c
-        scale_rewards="none",  # Dr. GRPO advantage (the paper, per secondary notes)
-        loss_agg="seq_mean_token_sum_norm",  # Dr. GRPO aggregation (the paper, per secondary notes)
-        prefix_high=0.95, prefix_low_start=0.95, prefix_low_end=0.05,  # the paper: prefix fraction window 95% -> 5%
-        entropy_mask_ratio=0.8,  # the paper: only the top-20% entropy prefix tokens keep their advantage
-        max_steps=500,  # UNKNOWN (our choice)
-        prefix_decay_steps=500,  # UNKNOWN horizon of the cosine (our choice: the whole run)
-        grad_accum=16,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
-        eval_dataset="math500",  # one of the paper's six benchmarks (AIME24/25, AMC, MATH-500, Minerva, Olympiad)
-        eval_size=500,  # all of MATH-500
-        eval_every=25,  # UNKNOWN in the sources (our choice)
-        generator="vllm",  # our choice for GPUs: a colocated vLLM engine per rank (the official code: verl + vLLM)
-        bf16=True,  # our choice: bf16 autocast with fp32 master weights (as verl)
-        fsdp=True,  # verl FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
+                     prefix_decay_steps=150),  # Prefix-RFT: a demo horizon (the paper's is unknown)
 }
 
 
@@ -312,41 +283,29 @@ def main():
     # 1. setup: process group, output directory, tokenizer, prompts and reward
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    common.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
                          f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=True, embedded_split="rl")  # prefix-rft: demos
-    train = [e for e in common.tokenize_examples(tokenizer, rows, args.max_prompt_length + args.max_new_tokens,
-                                                 args.system_prompt, True, print)  # prefix-rft: demos in response_ids
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=True, embedded_split="rl")  # Prefix-RFT: demos
+    train = [e for e in data.tokenize_examples(tokenizer, rows, args.max_prompt_length + args.max_new_tokens,
+                                                 args.system_prompt, True, print)  # Prefix-RFT: demos in response_ids
              if len(e["prompt_ids"]) <= args.max_prompt_length]
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    if G < 2 and args.scale_rewards != "none":
-        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
-                               "per prompt (a group of one has advantage 0 and nothing is learned)")
-    if args.prompts_per_step % d.world_size:
-        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
-                               f"{d.world_size}")
-    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
-    if n_local % (args.steps_per_generation * args.grad_accum):
-        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
-                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
-        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
-                               "(DeepSeekMath: 0.04)")
-    check_prefix_args(args)  # prefix-rft
-    H = args.num_prefix  # prefix-rft: hybrids per group
+    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
+    check_prefix_args(args)  # Prefix-RFT
+    H = args.num_prefix  # Prefix-RFT: hybrids per group
     horizon = args.prefix_decay_steps or args.max_steps
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
-    ref = (FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
+    ref = (FusedLM(data.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
                    fast=args.fast_paths).eval() if args.beta > 0 else None)
-    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    engine = rollout.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
@@ -365,7 +324,7 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
         return accs
 
@@ -376,19 +335,19 @@ def main():
         # 3. rollout: G-H completions + H hybrids per prompt (DAPO dynamic sampling keeps groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
-            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
-                                                            d.world_size)]
+            batch_no = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in data.batch_indices(len(train), args.prompts_per_step, batch_no, args.seed,
+                                                            d.rank, d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
-            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G - H,
+            comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G - H,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
-            # prefix-rft: a hybrid is the demonstration's first L tokens (its own ids) + the policy's continuation
-            plen = [sample_prefix_len(len(e["response_ids"]) - 1, step - 1, (args.seed, step, tries, d.rank, j, k),
+            # Prefix-RFT: a hybrid is the demonstration's first L tokens (its own ids) + the policy's continuation
+            plen = [sample_prefix_len(len(e["response_ids"]) - 1, step - 1, (args.seed, step, tries, d.rank, j, h),
                                       args.prefix_high, args.prefix_low_start, args.prefix_low_end, horizon,
                                       args.min_prefix_len, args.prefix_beta_a, args.prefix_beta_b)[0]
-                    for j, e in enumerate(batch) for k in range(H)]
+                    for j, e in enumerate(batch) for h in range(H)]
             pre = [batch[i // H]["response_ids"][:L] for i, L in enumerate(plen)]
-            cont, _, cont_lp = common.generate(model, tokenizer, [batch[i // H]["prompt_ids"] + p for i, p in
+            cont, _, cont_lp = rollout.generate(model, tokenizer, [batch[i // H]["prompt_ids"] + p for i, p in
                                                                   enumerate(pre)], 1, args.max_new_tokens,
                                                args.temperature, args.top_p, seed + 1_000_000_007, engine)
             hyb = [(p + c)[:args.max_new_tokens] for p, c in zip(pre, cont)]  # the official truncation
@@ -397,15 +356,15 @@ def main():
             gen_lp = regroup(gen_lp, cont_lp, G - H, H) if gen_lp else None
             texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
             for j, e in enumerate(batch):
-                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
-                          prefix_len=plens[j * G + k],
-                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
-                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
-                                                                    args.overlong_penalty))
-                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
-                                                       texts[j * G:(j + 1) * G]))]
-                equal = len({s["reward"] for s in g}) == 1
-                (dropped if args.dynamic_sampling and equal else kept).append(g)
+                group = []
+                for i in range(j * G, (j + 1) * G):
+                    reward = reward_fn(texts[i], e) + overlong_penalty(
+                        len(comps[i]), args.max_new_tokens, args.overlong_buffer_ratio * args.max_new_tokens,
+                        args.overlong_penalty)
+                    group.append(dict(example=e, completion=comps[i], finished=fin[i], prefix_len=plens[i],
+                                      gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
+                equal = len({s["reward"] for s in group}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(group)
             tries += 1
         # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
         groups = (kept + dropped)[: n_local // G]
@@ -418,11 +377,11 @@ def main():
         moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
-        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        full = data.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
             full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
         full["advantages"] = adv.to(d.device)
-        full["prefix_mask"] = torch.zeros_like(full["loss_mask"])  # prefix-rft: demonstration tokens of the response
+        full["prefix_mask"] = torch.zeros_like(full["loss_mask"])  # Prefix-RFT: demonstration tokens of the response
         for i, s in enumerate(samples):
             full["prefix_mask"][i, len(s["example"]["prompt_ids"]):][:s["prefix_len"]] = 1
 
@@ -439,12 +398,12 @@ def main():
         stats, n_opt = {}, 0
         for _ in range(args.num_iterations):
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
-                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                mbs = [{name: v[idx] for name, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
                     sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
                 token_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in mbs)) / d.world_size
-                for k, b in enumerate(mbs):
-                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                for micro, b in enumerate(mbs):
+                    with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = prefix_rft_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
@@ -478,11 +437,11 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         lengths = torch.tensor([float(len(s["completion"])) for s in samples])
         std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
-        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
                         "train/frac_zero_std_groups": (std_g == 0).float().mean(),
                         "train/completion_length": lengths.mean(),
-                        "train/hybrid_reward": rewards.view(-1, G)[:, G - H:].mean(),  # prefix-rft
+                        "train/hybrid_reward": rewards.view(-1, G)[:, G - H:].mean(),  # Prefix-RFT
                         "train/prefix_low": prefix_low(step - 1, args.prefix_low_start, args.prefix_low_end, horizon),
                         "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
                         "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})

@@ -55,6 +55,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import (aggregate, group_advantages, kl_estimate, normalizer_count, ppo_clip_loss,  # noqa: E402
                                reward_moments)  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
@@ -82,7 +84,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/relift.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo", "relift_paper"]] = None  # a paper's combination of flags
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -143,11 +145,13 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3"),  # DeepSeekMath §4.2
-    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0),  # Dr. GRPO §3.2, oat code
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3",
+                 source="DeepSeekMath §4.2"),
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0,
+                    source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
-                 overlong_buffer_ratio=0.2),  # DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480
-    "relift_paper": dict(clip=True, scale_rewards="group"),  # the ReLIFT paper writes clipped GRPO, std A
+                 overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
+    "relift_paper": dict(clip=True, scale_rewards="group", source="the ReLIFT paper writes clipped GRPO, std A"),
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
@@ -160,44 +164,6 @@ RECIPES = {
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
                      sft_buffer_size=16,  # ReLIFT demo: M = 16 (code 128) fills about every 1-2 steps of 32 prompts
                      steps_per_generation=1),  # the demo's 32-prompt batch is already smaller than a 64-prompt mini
-    # --- paper recipes (GPU cluster; check with --dry-run): ReLIFT (arXiv 2506.07527) as released,
-    # TheRoadQaQ/ReLIFT examples/math-7b/train.sh and relift_trainer.yaml; spec methods_b.md §4 ---
-    "paper": dict(
-        model="RoadQAQ/Qwen2.5-Math-7B-16k-think",  # train.sh (Qwen2.5-Math-7B with a 16k context and <think> template)
-        dataset="openr1_46k",  # Elliott/Openr1-Math-46k-8192, its `target` is the demonstration (as LUFFY)
-        system_prompt=common.PROMPTS["luffy"],  # the data's own system prompt, also at evaluation
-        num_generations=8,  # rollout n=8
-        prompts_per_step=128,  # train_batch_size 128
-        steps_per_generation=2,  # ppo_mini_batch_size 64: 2 updates per rollout step
-        num_iterations=1,  # 1 PPO epoch
-        max_prompt_length=1024,  # max prompt 1024
-        max_new_tokens=8192,  # max response 8192 (also T_max of the loss and the demonstration cut)
-        lr=1e-6,  # constant
-        weight_decay=0.01,  # AdamW wd 0.01
-        max_grad_norm=0.7,  # RL grad_clip 0.7
-        entropy_coef=0.001,  # entropy_coeff 0.001
-        clip=False,  # loss_remove_clip=True
-        scale_rewards="none",  # grpo_use_std=False
-        loss_agg="seq_mean_token_sum_norm",  # loss_remove_token_mean=True: token sum / 8192
-        sft_buffer_size=128,  # sft_data_size 128
-        sft_micro_batch_size=4,  # Math-7B: sft_micro_batch_size 4
-        sft_lr=1e-6,  # separate AdamW at lr 1e-6
-        sft_max_grad_norm=1.0,  # relift_trainer.yaml sft_grad_clip
-        sft_entropy_coef=1e-3,  # actor.sft.entropy_coeff 0.001 (the paper's best: 1e-4)
-        max_steps=1080,  # 3 epochs of 46k prompts at 128 per step
-        grad_accum=16,  # our choice: 4 sequences per micro-batch on 8 GPUs (does not change the gradient)
-        eval_dataset="math500",  # one of the paper's benchmarks (AIME24/25, AMC, MATH-500, Olympiad, MMLU-Pro)
-        eval_size=500,  # all of MATH-500
-        eval_every=25,  # UNKNOWN in the sources (our choice)
-        generator="vllm",  # vLLM rollouts (verl; ours: a colocated engine per rank)
-        bf16=True,  # our choice: bf16 autocast with fp32 master weights (as verl)
-        fsdp=True,  # verl FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
-    "math_1.5b": dict(base="paper", model="RoadQAQ/Qwen2.5-Math-1.5B-16k-think",  # examples/math-1.5b/train.sh
-                      sft_micro_batch_size=2),  # 2 for the models other than Math-7B
-    "qwen_7b": dict(base="paper", model="RoadQAQ/Qwen2.5-7B-think",  # examples/7b/train.sh
-                    sft_micro_batch_size=2),  # 2 for the models other than Math-7B
 }
 
 
@@ -286,41 +252,26 @@ def main():
         raise common.UserError(f"--sft-buffer-size {args.sft_buffer_size} must be -1 (plain RL) or a positive "
                                f"multiple of the world size {d.world_size} (every rank fine-tunes on an equal share)")
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    common.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
                          f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=True, embedded_split="rl")  # ReLIFT: demos
-    train = common.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=True, embedded_split="rl")  # ReLIFT: demos
+    train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
     for i, e in enumerate(train):
         e["index"] = i  # ReLIFT: the buffer holds dataset indices (json-able, the same on every rank)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    if G < 2 and args.scale_rewards != "none":
-        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
-                               "per prompt (a group of one has advantage 0 and nothing is learned)")
-    if args.prompts_per_step % d.world_size:
-        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
-                               f"{d.world_size}")
-    n_local = args.prompts_per_step // d.world_size * G  # completions per rank and rollout step
-    if n_local % (args.steps_per_generation * args.grad_accum):
-        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
-                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    if args.beta == 0 and "kl_estimator" in args._explicit:  # a choice that would change nothing is said out loud
-        raise common.UserError(f"--kl-estimator {args.kl_estimator} acts only on the KL term: give --beta > 0 "
-                               "(DeepSeekMath: 0.04)")
-    if not args.clip and {"eps_low", "eps_high", "dual_clip"} & set(args._explicit):  # the RL loss as released
-        raise common.UserError("--eps-low, --eps-high and --dual-clip act only with --clip (ReLIFT's released loss "
-                               "has no clip: loss_remove_clip=True)")
+    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
-    ref = (FusedLM(common.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
+    ref = (FusedLM(data.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
                    fast=args.fast_paths).eval() if args.beta > 0 else None)
-    engine = common.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    engine = rollout.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
     scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
@@ -344,7 +295,7 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
         log.log(step, accs)
         return accs
 
@@ -355,22 +306,23 @@ def main():
         # 3. rollout: G completions per prompt (DAPO dynamic sampling keeps only groups with mixed rewards)
         kept, dropped, tries = [], [], 0
         while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
-            k = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
-            batch = [train[i] for i in common.batch_indices(len(train), args.prompts_per_step, k, args.seed, d.rank,
-                                                            d.world_size)]
+            batch_no = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in data.batch_indices(len(train), args.prompts_per_step, batch_no, args.seed,
+                                                            d.rank, d.world_size)]
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
-            comps, fin, gen_lp = common.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
+            comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
             texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
             for j, e in enumerate(batch):
-                g = [dict(example=e, completion=c, finished=f, gen_logp=gen_lp[j * G + k] if gen_lp else None,
-                          reward=reward_fn(t, e) + overlong_penalty(len(c), args.max_new_tokens,
-                                                                    args.overlong_buffer_ratio * args.max_new_tokens,
-                                                                    args.overlong_penalty))
-                     for k, (c, f, t) in enumerate(zip(comps[j * G:(j + 1) * G], fin[j * G:(j + 1) * G],
-                                                       texts[j * G:(j + 1) * G]))]
-                equal = len({s["reward"] for s in g}) == 1
-                (dropped if args.dynamic_sampling and equal else kept).append(g)
+                group = []
+                for i in range(j * G, (j + 1) * G):
+                    reward = reward_fn(texts[i], e) + overlong_penalty(
+                        len(comps[i]), args.max_new_tokens, args.overlong_buffer_ratio * args.max_new_tokens,
+                        args.overlong_penalty)
+                    group.append(dict(example=e, completion=comps[i], finished=fin[i],
+                                      gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
+                equal = len({s["reward"] for s in group}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(group)
             tries += 1
         # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
         groups = (kept + dropped)[: n_local // G]
@@ -383,7 +335,7 @@ def main():
         moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
-        full = common.collate(seqs, tokenizer.pad_token_id, d.device)
+        full = data.collate(seqs, tokenizer.pad_token_id, d.device)
         if args.mask_truncated:
             full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
         full["advantages"] = adv.to(d.device)
@@ -401,12 +353,12 @@ def main():
         stats, n_opt = {}, 0
         for _ in range(args.num_iterations):
             for mini in torch.arange(n_local).chunk(args.steps_per_generation):
-                mbs = [{k: v[idx] for k, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                mbs = [{name: v[idx] for name, v in full.items()} for idx in mini.chunk(args.grad_accum)]
                 normalizer = common.all_reduce(
                     sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
                 token_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in mbs)) / d.world_size  # ReLIFT
-                for k, b in enumerate(mbs):
-                    with common.no_sync(model, k == len(mbs) - 1), autocast:
+                for micro, b in enumerate(mbs):
+                    with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
                         loss, m = relift_rl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
@@ -444,11 +396,11 @@ def main():
             demos = [(train[i]["prompt_ids"], demonstration(tokenizer, train[i]["response"], args.max_new_tokens))
                      for i in mine]
             k_mb = args.sft_micro_batch_size
-            sft_mbs = [common.collate(demos[i:i + k_mb], tokenizer.pad_token_id, d.device)
+            sft_mbs = [data.collate(demos[i:i + k_mb], tokenizer.pad_token_id, d.device)
                        for i in range(0, len(demos), k_mb)]
             sft_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in sft_mbs)) / d.world_size
-            for k, b in enumerate(sft_mbs):
-                with common.no_sync(model, k == len(sft_mbs) - 1), autocast:
+            for micro, b in enumerate(sft_mbs):
+                with common.no_sync(model, micro == len(sft_mbs) - 1), autocast:
                     o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)  # temperature 1 (code)
                     sft_loss, sm = relift_sft_loss(o["logp"], b["loss_mask"], sft_normalizer, entropy=o["entropy"],
                                                    entropy_coef=args.sft_entropy_coef)
@@ -471,7 +423,7 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         lengths = torch.tensor([float(len(s["completion"])) for s in samples])
         std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
-        metrics = {f"train/{k}": v / n_opt for k, v in stats.items()}
+        metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update({"train/buffer_size": len(buffer.entries), "train/sft_steps": n_sft,
                         "train/frac_hardest": sum(failed) / len(groups), **sft_metrics})  # ReLIFT
         metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,

@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
 from kernels.advantage import aggregate, normalizer_count  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
 
@@ -55,7 +57,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     max_new_tokens: int = 64  # evaluation generation length
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/sft.py
     # --- optimisation ---
     max_steps: int = 400  # optimizer steps (DFT paper: 1 epoch of 100k at batch 256 = 390 steps)
     batch_size: int = 256  # sequences per optimizer step, all ranks and micro-batches (DFT paper)
@@ -94,29 +96,6 @@ RECIPES = {
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
     "embedded": dict(max_length=128, batch_size=64, lr=3e-3, max_steps=400, eval_every=50, max_new_tokens=40,
                      eval_samples=4, eval_temperature=0.7),
-    # --- paper recipes (GPU cluster; check with --dry-run): the DFT paper's SFT baseline (arXiv 2508.05629 §4.1.1,
-    # yongliang-wu/DFT verl/train_dft.sh); spec methods_a.md §1-2 ---
-    "paper": dict(
-        model="Qwen/Qwen2.5-Math-1.5B",  # DFT §4.1.1 main model (Table 1: also 7B, LLaMA-3.2-3B, LLaMA-3.1-8B, DeepSeekMath-7B)
-        dataset="numina_cot",  # AI-MO/NuminaMath-CoT: raw problem in the chat template, solution + EOS (numina_cot.py)
-        num_demos=100_000,  # DFT: 100k samples; numina_cot.py --train_end 100000 takes the first 100k rows
-        max_length=2048,  # DFT §4.1.1
-        batch_size=256,  # DFT §4.1.1 global batch
-        grad_accum=8,  # train_dft.sh: micro batch 4 per GPU on 8 GPUs (does not change the gradient)
-        max_steps=390,  # DFT §4.1.1: 1 epoch of 100k at batch 256
-        lr=5e-5,  # DFT §4.1.1 (2e-5 for LLaMA-3.1-8B); cosine, warmup ratio 0.1, AdamW (0.9, 0.95), wd 0.01: defaults
-        eval_dataset="math500",  # one of DFT's five benchmarks (all five: evaluate.py --setting dft)
-        eval_size=500,  # all of MATH-500
-        max_new_tokens=4096,  # DFT evaluation: 4096 new tokens
-        eval_every=100,  # UNKNOWN in the sources (our choice)
-        bf16=True,  # DFT §4.1.1: bf16 (verl FSDP keeps fp32 master weights, as --dtype float32 here)
-        fsdp=True,  # verl FSDP
-        gradient_checkpointing=True,  # our choice: memory only (the gradient is the same)
-    ),
-    "paper_7b": dict(base="paper", model="Qwen/Qwen2.5-Math-7B"),  # DFT §4.1.1, Table 1 (lr 5e-5)
-    "paper_llama3b": dict(base="paper", model="meta-llama/Llama-3.2-3B"),  # DFT §4.1.1, Table 1 (lr 5e-5)
-    "paper_llama8b": dict(base="paper", model="meta-llama/Llama-3.1-8B", lr=2e-5),  # DFT §4.1.1: lr 2e-5 for LLaMA-3.1-8B
-    "paper_deepseekmath": dict(base="paper", model="deepseek-ai/deepseek-math-7b-base"),  # DFT §4.1.1, Table 1 (lr 5e-5)
 }
 
 
@@ -138,17 +117,17 @@ def main():
     # 1. setup: process group, output directory, tokenizer and data
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)
-    model_path = common.resolve_model(args.model, d)
-    tokenizer = common.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
-    common.check_context(model_path, args.max_length, f"--max-length {args.max_length}")
-    reward_fn = common.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
-    rows, eval_rows = common.load_train_eval(args, need_response=True, embedded_split="sft", need_answer=False)
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_length, f"--max-length {args.max_length}")
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=True, embedded_split="sft", need_answer=False)
     rows = rows[:args.num_demos] if args.num_demos else rows
-    train = common.tokenize_examples(tokenizer, rows, args.max_length, args.system_prompt, log=print)
-    evalset = common.tokenize_examples(tokenizer, eval_rows, args.max_length, args.system_prompt, False, log=print, heldout=True)
+    train = data.tokenize_examples(tokenizer, rows, args.max_length, args.system_prompt, log=print)
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_length, args.system_prompt, False, log=print, heldout=True)
 
     # 2. model, optimizer, schedule (FusedLM: the log-softmax over the vocabulary is fused and chunked)
-    lm = common.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
     fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
     model = common.wrap_model(fused, d, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
@@ -165,7 +144,7 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):
-        accs = common.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
         log.log(step, accs)
         return accs
 
@@ -174,9 +153,9 @@ def main():
     for step in range(start + 1, args.max_steps + 1):
         t0 = common.timer()
         # 3. batch: this rank's share of the step, split into micro-batches
-        idx = common.batch_indices(len(train), args.batch_size, step - 1, args.seed, d.rank, d.world_size)
-        micro = common.split_micro(idx, args.grad_accum)
-        mbs = [common.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
+        idx = data.batch_indices(len(train), args.batch_size, step - 1, args.seed, d.rank, d.world_size)
+        micro = data.split_micro(idx, args.grad_accum)
+        mbs = [data.collate([(train[i]["prompt_ids"], train[i]["response_ids"]) for i in mb],
                               tokenizer.pad_token_id, d.device) for mb in micro]
         tokens_seen += sum(len(train[i]["prompt_ids"]) + len(train[i]["response_ids"]) for i in idx)  # host-side count
         # the normalizer counts the whole step (all micro-batches, all ranks) / world size (DDP averages)
@@ -184,8 +163,8 @@ def main():
 
         # 4. loss and backward, one micro-batch at a time
         stats = {"nll_sum": 0.0, "tokens": 0.0, "loss": 0.0}
-        for k, b in enumerate(mbs):
-            with common.no_sync(model, k == len(mbs) - 1), autocast:
+        for micro, b in enumerate(mbs):
+            with common.no_sync(model, micro == len(mbs) - 1), autocast:
                 logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]  # (B, L)
                 loss, m = sft_loss(logp, b["loss_mask"], normalizer, loss_agg=args.loss_agg)
                 loss.backward()

@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+import data  # noqa: E402
 from kernels.advantage import normalizer_count  # noqa: E402
 from kernels.engine import FusedLM  # noqa: E402
 
@@ -27,7 +28,7 @@ def make_batch(vocab, n=8, seed=0):
         p = torch.randint(5, vocab, (3 + i % 3,), generator=g).tolist()
         r = torch.randint(5, vocab, (2 + 5 * (i % 4),), generator=g).tolist()  # lengths 2..17: micro-batches differ
         seqs.append((p, r))
-    b = common.collate(seqs, 0)
+    b = data.collate(seqs, 0)
     b["advantages"] = torch.randn(n, generator=g)
     b["old_shift"] = 0.05 * torch.randn(b["input_ids"].shape, generator=g)  # old = logp.detach() + shift
     b["aux"] = torch.randn(b["input_ids"].shape, generator=g)  # a second per-token tensor (ref / teacher logp)
@@ -60,8 +61,8 @@ def main():
     mod = load_method(method)
     d = common.setup_distributed(0)
     torch.manual_seed(0)
-    tok = common.build_embedded_tokenizer()
-    lm = common.build_embedded_model(tok)
+    tok = data.build_embedded_tokenizer()
+    lm = data.build_embedded_model(tok)
     single = copy.deepcopy(FusedLM(lm))
     model = common.wrap_model(FusedLM(lm), d)
     full = make_batch(len(tok))

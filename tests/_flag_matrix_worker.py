@@ -10,6 +10,7 @@ default. Each case runs the method's main() in this process on the embedded defa
 """
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import sys
@@ -50,9 +51,11 @@ def cases(mod):
     fields = {f.name: f for f in dataclasses.fields(mod.Args)}
     needs = lambda name: WITH[name][1] if name in WITH and WITH[name][0] in fields else []  # noqa: E731
     out = [("default", [])]
+    tables = {t: getattr(mod, t, {}) for t in TABLES}
+    tables["RECIPES"] = {**tables["RECIPES"], **importlib.import_module(f"recipes.{Path(mod.__file__).stem}").RECIPES}
     for table, field in TABLES.items():
-        for choice in getattr(mod, table, {}):
-            if choice == "auto" or (choice == "embedded" and "auto" in getattr(mod, table)):  # = the default run
+        for choice in tables[table]:
+            if choice == "auto" or (choice == "embedded" and "auto" in tables[table]):  # = the default run
                 continue
             extra = [] if choice == "embedded" else [x for n in HARDWARE if n in fields
                                                      for x in (flag(n), str(fields[n].default))]

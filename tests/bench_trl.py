@@ -174,9 +174,10 @@ def trl_worker(kind, cfg):
     torch.set_num_threads(cfg["threads"])
     import datasets
     from transformers import AutoModelForCausalLM
-    import common
-    path = common.resolve_model(a["model"])
-    tokenizer = common.load_tokenizer(path)
+    import data
+    import rollout
+    path = data.resolve_model(a["model"])
+    tokenizer = data.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     timer = StepTimer(clock)
     common_cfg = dict(output_dir=str(out / "trainer"), max_steps=a["max_steps"], learning_rate=a["lr"],
@@ -187,8 +188,8 @@ def trl_worker(kind, cfg):
                       dataloader_num_workers=0)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
-        rows = common.load_examples("embedded", embedded_split="sft")
-        rows = common.tokenize_examples(tokenizer, rows, a["max_length"], log=lambda *_: None)  # same rows as ours
+        rows = data.load_examples("embedded", embedded_split="sft")
+        rows = data.tokenize_examples(tokenizer, rows, a["max_length"], log=lambda *_: None)  # same rows as ours
         ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                           "completion": [{"role": "assistant", "content": r["response"]}]}
                                          for r in rows])
@@ -207,12 +208,12 @@ def trl_worker(kind, cfg):
         res = {"step_s": timer.step_s, "tokens": tokens, "loss": [lg["loss"] for lg in timer.logs if "loss" in lg]}
     else:
         from trl import GRPOConfig, GRPOTrainer
-        rows = common.load_examples("embedded", need_response=False, embedded_split="rl")
+        rows = data.load_examples("embedded", need_response=False, embedded_split="rl")
         ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                          for r in rows])
 
         def reward(completions, answer, **kw):  # our exact-match reward on the completion text
-            return [common.exact_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": x})
+            return [rollout.exact_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": x})
                     for c, x in zip(completions, answer)]
 
         gen_s = []
@@ -306,10 +307,10 @@ def main():
     os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))  # both sides alike
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    import common
+    import data
     kinds = [k for k in ("sft", "grpo") if a.only in (None, k)]
     for kind in kinds:  # build the cached embedded checkpoints first, outside any timing
-        common.resolve_model(a.model or ("embedded" if kind == "sft" else "embedded:warm"))
+        data.resolve_model(a.model or ("embedded" if kind == "sft" else "embedded:warm"))
     import trl
     results, t_start = {k: {"ours": [], "trl": []} for k in kinds}, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:

@@ -37,5 +37,5 @@ def run_method(method, *args, timeout=900, env=None, check=True):
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The embedded base model directory (built once, cached under .cache/)."""
-    import common
-    return common.resolve_model("embedded")
+    import data
+    return data.resolve_model("embedded")

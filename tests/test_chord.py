@@ -18,8 +18,8 @@ chord = load_method("chord")
 def _worker_batch():
     """The 8-row batch tests/_ddp_loss_worker.py builds (deterministic), to count the step's two kinds of tokens."""
     import _ddp_loss_worker
-    import common
-    return _ddp_loss_worker.make_batch(len(common.build_embedded_tokenizer()))
+    import data
+    return _ddp_loss_worker.make_batch(len(data.build_embedded_tokenizer()))
 
 
 def _ddp_is_expert(b):
@@ -228,9 +228,9 @@ def test_ddp2_x_accum2_equals_full_batch(tmp_path, weighting, equal):
 
 
 def _small_eval(tmp_path, n=16):
-    import common
+    import data
     path = tmp_path / "eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in common.embedded_task("eval")[:n]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in data.embedded_task("eval")[:n]))
     return path
 
 

@@ -12,11 +12,13 @@ import torch
 from conftest import REPO, torchrun
 
 import common
+import data
+import rollout
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
-    return common.load_tokenizer(tiny_dir)
+    return data.load_tokenizer(tiny_dir)
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -63,8 +65,8 @@ def test_help_lists_every_flag_with_default_and_source():
 
 def test_prompt_masked_and_eos_is_target(tok):
     rows = [{"prompt": "12+7=", "response": "2+7=9,1+0=1#19", "answer": "19"}]
-    ex = common.tokenize_examples(tok, rows, 128, system_prompt="Answer exactly.")[0]
-    b = common.collate([(ex["prompt_ids"], ex["response_ids"])], tok.pad_token_id)
+    ex = data.tokenize_examples(tok, rows, 128, system_prompt="Answer exactly.")[0]
+    b = data.collate([(ex["prompt_ids"], ex["response_ids"])], tok.pad_token_id)
     ids, mask = b["input_ids"][0], b["loss_mask"][0]
     n_prompt = len(ex["prompt_ids"])
     assert tok.decode(ids[:n_prompt]) == "<|system|>Answer exactly.<|end|><|user|>12+7=<|end|><|assistant|>"
@@ -79,30 +81,30 @@ def test_prompt_masked_and_eos_is_target(tok):
 
 
 def test_embedded_reload_identical_logits(tmp_path):
-    tok = common.build_embedded_tokenizer()
-    model = common.build_embedded_model(tok)
+    tok = data.build_embedded_tokenizer()
+    model = data.build_embedded_model(tok)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    tok2, model2 = common.load_tokenizer(str(tmp_path)), common.load_model(str(tmp_path))
+    tok2, model2 = data.load_tokenizer(str(tmp_path)), data.load_model(str(tmp_path))
     x = torch.tensor([tok2.encode("123+45=")])
     assert tok2.encode("123+45=") == tok.encode("123+45=")
     assert torch.equal(model.eval()(x).logits, model2.eval()(x).logits)
-    assert model2.config.model_type == "qwen2" and tok2.chat_template == common.CHAT_TEMPLATE
+    assert model2.config.model_type == "qwen2" and tok2.chat_template == data.CHAT_TEMPLATE
 
 
 def test_embedded_task_splits_disjoint_and_deterministic():
-    s = {k: [r["prompt"] for r in common.embedded_task(k)] for k in ("sft", "rl", "eval")}
+    s = {k: [r["prompt"] for r in data.embedded_task(k)] for k in ("sft", "rl", "eval")}
     assert not (set(s["sft"]) & set(s["eval"])) and not (set(s["rl"]) & set(s["eval"])) and not (
         set(s["sft"]) & set(s["rl"]))
-    assert s["eval"] == [r["prompt"] for r in common.embedded_task("eval")]
-    for r in common.embedded_task("eval")[:50]:
-        assert common.exact_reward(r["response"], r) == 1.0 and eval(r["prompt"][:-1]) == int(r["answer"])
+    assert s["eval"] == [r["prompt"] for r in data.embedded_task("eval")]
+    for r in data.embedded_task("eval")[:50]:
+        assert rollout.exact_reward(r["response"], r) == 1.0 and eval(r["prompt"][:-1]) == int(r["answer"])
 
 
 def test_hf_generation_shapes_and_eos_flags(tiny_dir, tok):
-    model = common.load_model(tiny_dir)
-    prompts = [common.encode_prompt(tok, "1+2="), common.encode_prompt(tok, "345+67=")]
-    comps, fin, lps = common.generate(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0, seed=1)
+    model = data.load_model(tiny_dir)
+    prompts = [data.encode_prompt(tok, "1+2="), data.encode_prompt(tok, "345+67=")]
+    comps, fin, lps = rollout.generate(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0, seed=1)
     assert len(comps) == 6 and lps is None
     for c, f in zip(comps, fin):
         assert 1 <= len(c) <= 6 and f == (c[-1] == tok.eos_token_id) and tok.eos_token_id not in c[:-1]
@@ -113,29 +115,29 @@ def test_hf_generation_shapes_and_eos_flags(tiny_dir, tok):
         head.bias.zero_()
         head.bias[tok.eos_token_id] = 5.0
     model.lm_head = head
-    comps2, fin2, _ = common.generate(model, tok, prompts, n=2, max_new_tokens=4, temperature=0)
+    comps2, fin2, _ = rollout.generate(model, tok, prompts, n=2, max_new_tokens=4, temperature=0)
     assert comps2 == [[tok.eos_token_id]] * 4 and all(fin2)
     with torch.no_grad():
         head.bias[tok.eos_token_id] = -5.0
         head.bias[tok.convert_tokens_to_ids("7")] = 5.0
-    comps3, fin3, _ = common.generate(model, tok, prompts, n=2, max_new_tokens=4, temperature=0)
+    comps3, fin3, _ = rollout.generate(model, tok, prompts, n=2, max_new_tokens=4, temperature=0)
     assert [tok.decode(c) for c in comps3] == ["7777"] * 4 and not any(fin3)
-    again, _, _ = common.generate(common.load_model(tiny_dir), tok, prompts, n=3, max_new_tokens=6, seed=1)
+    again, _, _ = rollout.generate(data.load_model(tiny_dir), tok, prompts, n=3, max_new_tokens=6, seed=1)
     assert again == comps  # sampling is a function of the seed
 
 
 def test_math_verify_reward():
-    assert common.math_reward("so the answer is \\boxed{1/2}", {"answer": "0.5"}) == 1.0
-    assert common.math_reward("so the answer is \\boxed{2}", {"answer": "0.5"}) == 0.0
-    assert common.math_reward("no answer here", {"answer": "0.5"}) == 0.0
-    assert common.exact_reward("7+8=15#125", {"answer": "125"}) == 1.0
-    assert common.exact_reward("7+8=15#126", {"answer": "125"}) == 0.0
+    assert rollout.math_reward("so the answer is \\boxed{1/2}", {"answer": "0.5"}) == 1.0
+    assert rollout.math_reward("so the answer is \\boxed{2}", {"answer": "0.5"}) == 0.0
+    assert rollout.math_reward("no answer here", {"answer": "0.5"}) == 0.0
+    assert rollout.exact_reward("7+8=15#125", {"answer": "125"}) == 1.0
+    assert rollout.exact_reward("7+8=15#126", {"answer": "125"}) == 0.0
 
 
 def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok, capsys):
     from kernels.engine import FusedLM
     d = common.Dist()
-    model = FusedLM(common.load_model(tiny_dir))
+    model = FusedLM(data.load_model(tiny_dir))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sch = common.lr_schedule(opt, 2, 10)
     x = torch.tensor([tok.encode("12+34=46")])
@@ -143,7 +145,7 @@ def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok, capsys):
         model.lm(x).logits.sum().backward()
         opt.step(); sch.step(); opt.zero_grad()
     path = common.save_checkpoint(tmp_path, 2, model, tok, [opt], [sch], {"buffer": [1, 2]}, d)
-    model2 = FusedLM(common.load_model(tiny_dir))
+    model2 = FusedLM(data.load_model(tiny_dir))
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     sch2 = common.lr_schedule(opt2, 2, 10)
     state = common.load_checkpoint(path, model2, [opt2], [sch2], d)
@@ -153,7 +155,7 @@ def test_checkpoint_roundtrip_bit_exact(tmp_path, tiny_dir, tok, capsys):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
     assert sch2.last_epoch == sch.last_epoch
-    assert common.load_model(str(path)).lm_head.weight.data_ptr() != 0  # a plain save_pretrained dir
+    assert data.load_model(str(path)).lm_head.weight.data_ptr() != 0  # a plain save_pretrained dir
     # a partial checkpoint (no COMPLETE marker) is skipped with a warning
     (tmp_path / "checkpoint-0000009").mkdir()
     assert common.list_checkpoints(tmp_path) == [path]
@@ -169,15 +171,15 @@ def test_torchrun_all_reduce_token_count(tmp_path):
 # ---- bad inputs that reach common.py: one clear sentence each -----------------------------------------------------
 def test_missing_model_path():
     with pytest.raises(common.UserError, match="does not exist.*embedded"):
-        common.load_model("./no/such/model")
+        data.load_model("./no/such/model")
 
 
 def test_missing_dataset_column(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "1+1", "solution": "2", "answer": "2"}) + "\n")
     with pytest.raises(common.UserError, match=r"no column prompt \(--prompt-column\).*\['question', 'solution', "):
-        common.load_examples(str(f), prompt_column="prompt", response_column="solution")
-    rows = common.load_examples(str(f), prompt_column="question", response_column="solution")
+        data.load_examples(str(f), prompt_column="prompt", response_column="solution")
+    rows = data.load_examples(str(f), prompt_column="question", response_column="solution")
     assert rows == [{"prompt": "1+1", "response": "2", "answer": "2"}]
 
 
@@ -187,7 +189,7 @@ def test_empty_dataset(tmp_path):
     import datasets
     datasets.Dataset.from_dict({"prompt": [], "response": [], "answer": []}).to_parquet(tmp_path / "e.parquet")
     with pytest.raises(common.UserError, match="is empty"):
-        common.load_examples(str(tmp_path / "e.parquet"))
+        data.load_examples(str(tmp_path / "e.parquet"))
 
 
 def test_all_filtered_and_empty_demo(tok):
@@ -195,16 +197,16 @@ def test_all_filtered_and_empty_demo(tok):
                                                                            "answer": "3"}]
     with pytest.raises(common.UserError, match=r"filtered out \(1 longer than 64 tokens, 1 with an empty "
                                                r"demonstration\)"):
-        common.tokenize_examples(tok, rows, 64)
+        data.tokenize_examples(tok, rows, 64)
 
 
 def test_tokenizer_without_chat_template(tmp_path):
-    tok = common.build_embedded_tokenizer()
+    tok = data.build_embedded_tokenizer()
     tok.chat_template = None
     tok.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(common.UserError, match="no chat template"):
-        common.load_tokenizer(str(tmp_path))
+        data.load_tokenizer(str(tmp_path))
 
 
 def test_vllm_not_installed_message():
@@ -215,7 +217,7 @@ def test_vllm_not_installed_message():
     except ImportError:
         pass
     with pytest.raises(common.UserError, match="needs vLLM, which is not installed.*pip install vllm"):
-        common.VLLMEngine("unused")
+        rollout.VLLMEngine("unused")
 
 
 def test_output_dir_refuses_previous_run(tmp_path):
@@ -233,9 +235,9 @@ def test_output_dir_refuses_previous_run(tmp_path):
 
 def test_bad_batch_division():
     with pytest.raises(common.UserError, match="not divisible by the world size"):
-        common.batch_indices(100, 10, 0, 0, 0, 3)
+        data.batch_indices(100, 10, 0, 0, 0, 3)
     with pytest.raises(common.UserError, match="micro-batches"):
-        common.split_micro(list(range(10)), 3)
+        data.split_micro(list(range(10)), 3)
 
 
 def test_cached_import_time():
@@ -248,9 +250,9 @@ def test_cached_import_time():
 def test_eval_metrics_greedy_and_mean_at_k():
     """--eval-samples 0 logs greedy accuracy only; k > 0 adds mean@k at --eval-temperature, with fixed sampling seeds
     (two evaluations of one model give the same number), equal to the mean reward of k samples per prompt."""
-    path = common.resolve_model("embedded:warm")
-    tok, model = common.load_tokenizer(path), common.load_model(path).eval()
-    ex = common.tokenize_examples(tok, common.embedded_task("eval")[:24], 512, None, False)
+    path = data.resolve_model("embedded:warm")
+    tok, model = data.load_tokenizer(path), data.load_model(path).eval()
+    ex = data.tokenize_examples(tok, data.embedded_task("eval")[:24], 512, None, False)
     d = common.Dist()
 
     @dataclass
@@ -259,14 +261,14 @@ def test_eval_metrics_greedy_and_mean_at_k():
         eval_samples: int = 0
         eval_temperature: float = 0.7
 
-    greedy = common.evaluate(model, tok, ex, common.exact_reward, d, 40)
-    assert common.eval_metrics(model, tok, ex, common.exact_reward, d, A()) == {"eval/accuracy": greedy}
-    m = common.eval_metrics(model, tok, ex, common.exact_reward, d, A(eval_samples=3))
-    comps, _, _ = common.generate(model, tok, [e["prompt_ids"] for e in ex], 3, 40, 0.7, 1.0, seed=0)
+    greedy = rollout.evaluate(model, tok, ex, rollout.exact_reward, d, 40)
+    assert rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A()) == {"eval/accuracy": greedy}
+    m = rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A(eval_samples=3))
+    comps, _, _ = rollout.generate(model, tok, [e["prompt_ids"] for e in ex], 3, 40, 0.7, 1.0, seed=0)
     texts = tok.batch_decode(comps, skip_special_tokens=True)
-    expected = sum(common.exact_reward(t, ex[j // 3]) for j, t in enumerate(texts)) / len(texts)
+    expected = sum(rollout.exact_reward(t, ex[j // 3]) for j, t in enumerate(texts)) / len(texts)
     assert m["eval/accuracy"] == greedy and m["eval/sampled_accuracy"] == pytest.approx(expected)
-    assert m == common.eval_metrics(model, tok, ex, common.exact_reward, d, A(eval_samples=3))
+    assert m == rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A(eval_samples=3))
     assert 0 < expected < 1 and expected != greedy
 
 

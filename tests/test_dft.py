@@ -11,6 +11,7 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 import common  # noqa: E402  (tests_util puts the repository root on sys.path)
+import data  # noqa: E402
 from kernels.engine import FusedLM, default_position_ids  # noqa: E402
 
 dft = load_method("dft")
@@ -87,8 +88,8 @@ def test_micro_token_mean_is_the_official_code_formula():
 
 def tiny_pair(seed=0):
     """A tiny random Qwen2 (the embedded architecture) and a perturbed copy as the reference."""
-    tok = common.build_embedded_tokenizer()
-    lm = common.build_embedded_model(tok, seed=seed)
+    tok = data.build_embedded_tokenizer()
+    lm = data.build_embedded_model(tok, seed=seed)
     ref = copy.deepcopy(lm)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_asft_head_matches_full_logits():
     g = torch.Generator().manual_seed(5)
     seqs = [(torch.randint(5, len(tok), (3 + i,), generator=g).tolist(),
              torch.randint(5, len(tok), (2 + 3 * i,), generator=g).tolist()) for i in range(4)]
-    b = common.collate(seqs, tok.pad_token_id)
+    b = data.collate(seqs, tok.pad_token_id)
     lam = 0.3
     naive_lm = copy.deepcopy(lm)
     o = FusedLM(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"], head=dft.asft_head(ref, b))

@@ -10,6 +10,7 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 import common
+import data
 
 kdrl = load_method("kdrl")
 # used by tests/_ddp_loss_worker.py: teacher log-probs = logp.detach() + aux; KD only on rows with a negative advantage
@@ -142,7 +143,7 @@ def test_kd_mask_modes():
 
 
 def _teacher_tokenizer(change):
-    tok = common.build_embedded_tokenizer()
+    tok = data.build_embedded_tokenizer()
     if change == "added":
         tok.add_tokens(["<extra>"])
     elif change == "eos":
@@ -160,15 +161,15 @@ def _teacher_tokenizer(change):
     return tok
 
 
-N = len(common.build_embedded_tokenizer())
+N = len(data.build_embedded_tokenizer())
 
 
 @pytest.mark.parametrize("change,needle", [("added", f"vocabulary size {N} vs {N + 1}"),
                                            ("eos", "eos_token_id 1 vs 2"), ("pad", "pad_token_id 0 vs 1"),
                                            ("ids", "2 tokens missing or with other ids")])
 def test_teacher_tokenizer_mismatch_is_a_user_error(change, needle):
-    student = common.build_embedded_tokenizer()
-    kdrl.check_teacher(student, common.build_embedded_tokenizer(), "s", "t")  # identical: no error
+    student = data.build_embedded_tokenizer()
+    kdrl.check_teacher(student, data.build_embedded_tokenizer(), "s", "t")  # identical: no error
     with pytest.raises(common.UserError) as e:
         kdrl.check_teacher(student, _teacher_tokenizer(change), "my/student", "my/teacher")
     msg = str(e.value)
@@ -185,7 +186,7 @@ def test_negative_kd_coefficients_are_a_user_error(flag):
 
 def test_teacher_mismatch_stops_the_script_before_training(tmp_path):
     tok = _teacher_tokenizer("added")
-    common.build_embedded_model(tok).save_pretrained(tmp_path / "teacher")
+    data.build_embedded_model(tok).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
     p = run_method("kdrl", "--teacher", tmp_path / "teacher", "--output-dir", tmp_path / "run", "--quiet",
                    check=False, timeout=300)

@@ -587,11 +587,11 @@ def test_fusedlm_partial_passes_equal_one_plain_pass(layout):
     KV cache, length groups). Its log-probs and parameter gradients must equal one plain pass of the HF model
     (full logits, log-softmax, gather) on batches that exercise each path: 8 prompts x G=8 completions of ragged
     lengths (64 rows, so the grouping runs), rows with no target at all, and left padding."""
-    import common
+    import data
     from kernels.engine import FusedLM
-    tok = common.build_embedded_tokenizer()
+    tok = data.build_embedded_tokenizer()
     torch.manual_seed(0)
-    lm = common.build_embedded_model(tok).float()
+    lm = data.build_embedded_model(tok).float()
     g = torch.Generator().manual_seed(1)
     V, pad = lm.config.vocab_size, tok.pad_token_id
     rows = []
@@ -636,16 +636,17 @@ FAST_OFF = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 import common
+import data
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kernels.engine import FusedLM
-lm = common.load_model({path!r})
+lm = data.load_model({path!r})
 fused = FusedLM(lm, fast=False)
-b = common.collate([([5, 6, 7], [8, 9, 10, 11]), ([5, 6], [8, 9])], 0)
+b = data.collate([([5, 6, 7], [8, 9, 10, 11]), ([5, 6], [8, 9])], 0)
 o = fused(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)
 (o["logp"].sum() + o["entropy"].sum()).backward()
 assert not any("forward" in m.__dict__ for m in lm.modules()), "a module's forward was swapped"
 assert getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "postrain_wraps", None) is None, "the global sdpa entry was wrapped"
-fast = FusedLM(common.load_model({path!r}))
+fast = FusedLM(data.load_model({path!r}))
 o2 = fast(b["input_ids"], b["attention_mask"], b["loss_mask"], 1.0, True)
 assert getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "postrain_wraps", None) is not None
 torch.testing.assert_close(o2["logp"], o["logp"], rtol=1e-5, atol=1e-5)
@@ -659,8 +660,8 @@ def test_fast_paths_off_changes_no_module_and_no_global_state(tmp_path):
     registry stay as loaded (checked in a fresh process, where nothing else has registered anything)."""
     import subprocess
     import sys
-    import common
-    path = common.resolve_model("embedded")
+    import data
+    path = data.resolve_model("embedded")
     p = subprocess.run([sys.executable, "-c", FAST_OFF.format(repo=str(REPO), path=str(path))], capture_output=True,
                        text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -12,6 +12,7 @@ from conftest import REPO, run_method, torchrun
 from tests_util import load_method, rand_batch
 
 import common  # noqa: E402  (tests_util puts the repository root on sys.path)
+import data  # noqa: E402
 from kernels.engine import FusedLM, default_position_ids  # noqa: E402
 from kernels.logprob import sample_tokens  # noqa: E402
 
@@ -153,12 +154,12 @@ def test_sampled_head_matches_naive():
 
 
 def tiny_batch():
-    tok = common.build_embedded_tokenizer()
-    lm = common.build_embedded_model(tok)
+    tok = data.build_embedded_tokenizer()
+    lm = data.build_embedded_model(tok)
     g = torch.Generator().manual_seed(5)
     seqs = [(torch.randint(5, len(tok), (3 + i,), generator=g).tolist(),
              torch.randint(5, len(tok), (2 + 3 * i,), generator=g).tolist()) for i in range(4)]
-    return lm, common.collate(seqs, tok.pad_token_id)
+    return lm, data.collate(seqs, tok.pad_token_id)
 
 
 def test_exact_head_in_fused_lm_matches_full_logits():

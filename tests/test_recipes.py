@@ -14,6 +14,11 @@ import torch
 from conftest import REPO
 
 import common
+import data
+import rollout
+import recipes.datasets
+import recipes.dry_run
+import recipes
 from kernels.norm import fuse_rmsnorm
 
 
@@ -57,7 +62,7 @@ SPEC = {
     ("grpo", "dr_grpo"): dict(  # methods_a §3 Dr. GRPO recipe (+ the rollout batch of examples/qwen2.5-math-7b.sh)
         model="Qwen/Qwen2.5-Math-7B", dataset="math_lvl3to5", lr=1e-6, beta=0.0, num_generations=8, temperature=1.0,
         max_new_tokens=3000, num_iterations=1, eps_low=0.2, eps_high=0.2, scale_rewards="none", loss_agg="seq_mean_token_sum_norm",
-        warmup_steps=0, prompts_per_step=128, steps_per_generation=8, system_prompt=common.PROMPTS["qwen_math"][:40]),
+        warmup_steps=0, prompts_per_step=128, steps_per_generation=8, system_prompt=recipes.datasets.PROMPTS["qwen_math"][:40]),
     ("grpo", "dr_grpo_1.5b"): dict(model="Qwen/Qwen2.5-Math-1.5B", max_new_tokens=3000, loss_agg="seq_mean_token_sum_norm"),
     ("grpo", "dapo"): dict(  # methods_a §3 DAPO recipe
         model="Qwen/Qwen2.5-32B", dataset="dapo_math_17k", eps_low=0.2, eps_high=0.28, dynamic_sampling=True,
@@ -136,13 +141,13 @@ def test_batch_and_memory_lines():
     _, _, out = dry_run("grpo", "--recipe", "dapo", "--grad-accum", "4", world=128)
     assert ("global batch per optimizer step (16 x 1 per rollout batch of 512 prompts): 32 prompts, 512 sequences, "
             f"<= {512 * (2048 + 20480):,} tokens; per GPU 4 micro-batch(es) of 1 sequences x <= 22528 tokens") in out
-    n = common.param_count(common.MODELS["Qwen/Qwen2.5-32B"])
+    n = recipes.dry_run.param_count(recipes.dry_run.MODELS["Qwen/Qwen2.5-32B"])
     assert f"weights {n * 4 / 128 / 2**30:.1f}, gradients {n * 4 / 128 / 2**30:.1f}, AdamW state " \
            f"{2 * n * 4 / 128 / 2**30:.1f}" in out and "FSDP over 128" in out
     _, _, out = dry_run("sft", "--recipe", "paper")
     assert "256 prompts, 256 sequences, <= 524,288 tokens; per GPU 8 micro-batch(es) of 4 sequences" in out
     _, _, out = dry_run("kdrl", "--recipe", "paper")  # the teacher is a frozen, unsharded fp32 copy
-    t = common.param_count(common.MODELS["Skywork/Skywork-OR1-Math-7B"])
+    t = recipes.dry_run.param_count(recipes.dry_run.MODELS["Skywork/Skywork-OR1-Math-7B"])
     assert f"frozen models {t * 4 / 2**30:.1f}" in out
     _, _, out = dry_run("grpo", "--recipe", "dr_grpo", "--max-new-tokens", "8000")
     assert "WARNING: 9024 tokens per sequence exceed the model's max_position_embeddings 4096" in out
@@ -159,9 +164,9 @@ def test_param_count_is_exact(tiny_dir):
         c = model.config
         shape = (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_attention_heads,
                  c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings, 0, c.model_type == "qwen2")
-        assert common.param_count(shape) == sum(p.numel() for p in model.parameters())
-    assert common.model_shape(tiny_dir)[:7] == common.model_shape("embedded")[:7]  # config.json read = built-in shape
-    assert round(common.param_count(common.MODELS["Qwen/Qwen2.5-Math-7B"]) / 1e9, 2) == 7.62  # the hub's model card
+        assert recipes.dry_run.param_count(shape) == sum(p.numel() for p in model.parameters())
+    assert recipes.dry_run.model_shape(tiny_dir)[:7] == recipes.dry_run.model_shape("embedded")[:7]  # config.json read = built-in shape
+    assert round(recipes.dry_run.param_count(recipes.dry_run.MODELS["Qwen/Qwen2.5-Math-7B"]) / 1e9, 2) == 7.62  # the hub's model card
 
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
@@ -194,12 +199,12 @@ def test_activation_estimate_matches_saved_tensors(dtype, autocast):
         return sum(seen.values())
     shape = (128, 3, 352, 4, 2, 300, True, 0, True)
     w = 4 if dtype == torch.float32 else 2
-    est = common.activation_bytes(shape, ids.numel(), w, autocast, False)
+    est = recipes.dry_run.activation_bytes(shape, ids.numel(), w, autocast, False)
     assert abs(est / measure(False) - 1) < 0.03
     # with checkpointing the forward keeps the layer inputs; the estimate adds one layer recomputed in backward
-    one_layer = common.activation_bytes((128, 1, 352, 4, 2), ids.numel(), w, autocast, False)
+    one_layer = recipes.dry_run.activation_bytes((128, 1, 352, 4, 2), ids.numel(), w, autocast, False)
     kept = measure(True)
-    assert kept < common.activation_bytes(shape, ids.numel(), w, autocast, True) < kept + one_layer
+    assert kept < recipes.dry_run.activation_bytes(shape, ids.numel(), w, autocast, True) < kept + one_layer
 
 
 # Each preset read from its local copy through the code a hub name goes through: (prompt start, response start,
@@ -228,10 +233,10 @@ PRESET_ROWS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(common.DATASETS))
+@pytest.mark.parametrize("name", sorted(recipes.dataset_presets()))
 def test_dataset_preset_from_local_copy(name):
     assert name in PRESET_ROWS  # every preset has a local copy and expected rows
-    rows = common.load_examples(f"{name}:{REPO}/tests/data/{name}.jsonl", need_response=True)
+    rows = data.load_examples(f"{name}:{REPO}/tests/data/{name}.jsonl", need_response=True)
     want = PRESET_ROWS[name]
     assert len(rows) == len(want)
     for row, (prompt, response, answer, system) in zip(rows, want):
@@ -239,54 +244,54 @@ def test_dataset_preset_from_local_copy(name):
         assert (row["response"] is None) if response is None else row["response"].startswith(response)
         assert (row["system"] is None) if system is None else row["system"].startswith(system)
     if name in ("numina_cot",):  # RL prompts and benchmarks need an answer: the unboxed row is dropped
-        assert len(common.load_examples(f"{name}:tests/data/{name}.jsonl", need_response=False)) == len(want) - 1
-    assert len(common.load_examples(f"{name}:tests/data/{name}.jsonl", limit=1)) == 1
+        assert len(data.load_examples(f"{name}:tests/data/{name}.jsonl", need_response=False)) == len(want) - 1
+    assert len(data.load_examples(f"{name}:tests/data/{name}.jsonl", limit=1)) == 1
 
 
 def test_openr1_46k_system_prompt_is_luffys():
-    rows = common.load_examples("openr1_46k:tests/data/openr1_46k.jsonl")
-    assert rows[0]["system"] == common.PROMPTS["luffy"]  # the data's own prompt[0] equals the recipes' system prompt
+    rows = data.load_examples("openr1_46k:tests/data/openr1_46k.jsonl")
+    assert rows[0]["system"] == recipes.datasets.PROMPTS["luffy"]  # the data's own prompt[0] equals the recipes' system prompt
 
 
 def test_last_boxed():
-    assert common.last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
-    assert common.last_boxed("\\fbox{x^{2}}") == "x^{2}" and common.last_boxed("no box") == ""
-    assert common.last_boxed("\\boxed{unclosed") == ""
+    assert data.last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
+    assert data.last_boxed("\\fbox{x^{2}}") == "x^{2}" and data.last_boxed("no box") == ""
+    assert data.last_boxed("\\boxed{unclosed") == ""
 
 
 def test_row_system_prompt_reaches_the_chat_template(tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
-    rows = common.load_examples("math500:tests/data/math500.jsonl", need_response=False)
+    tok = data.load_tokenizer(tiny_dir)
+    rows = data.load_examples("math500:tests/data/math500.jsonl", need_response=False)
     # the embedded character tokenizer refuses LaTeX ('$', '^', and the '\\boxed{}' of the Qwen-Math system prompt;
     # issue 18), so the row keeps the first words of its system prompt and a question without LaTeX
     with pytest.raises(common.UserError, match="cannot encode"):
-        common.tokenize_examples(tok, rows[1:2], 512, None, False)
+        data.tokenize_examples(tok, rows[1:2], 512, None, False)
     rows = [{**r, "prompt": r["prompt"].replace("$", "").replace("^2", ""), "system": r["system"].split(",")[0]}
             for r in rows]
-    default, = common.tokenize_examples(tok, rows[1:2], 512, None, False)
+    default, = data.tokenize_examples(tok, rows[1:2], 512, None, False)
     assert tok.decode(default["prompt_ids"]).startswith("<|system|>Please reason step by step<|end|><|user|>What")
-    mine, = common.tokenize_examples(tok, rows[1:2], 512, "Be brief.", False)  # an explicit system prompt wins
+    mine, = data.tokenize_examples(tok, rows[1:2], 512, "Be brief.", False)  # an explicit system prompt wins
     assert tok.decode(mine["prompt_ids"]).startswith("<|system|>Be brief.<|end|><|user|>What is the value")
 
 
 def test_preset_bad_inputs(tmp_path):
     with pytest.raises(common.UserError, match="local copy 'nope.jsonl' of dataset preset 'math500' does not exist"):
-        common.load_examples("math500:nope.jsonl")
+        data.load_examples("math500:nope.jsonl")
     bad = tmp_path / "m.jsonl"
     bad.write_text(json.dumps({"question": "What is 1+1?", "answer": "2"}) + "\n")
     with pytest.raises(common.UserError, match=r"dataset preset 'math500' reads columns \['answer', 'problem'\] but .* "
                                                 r"has no \['problem'\]; its columns are"):
-        common.load_examples(f"math500:{bad}")
+        data.load_examples(f"math500:{bad}")
     bad.write_text(json.dumps({"problem": "What is 1+1?", "answer": ""}) + "\n")
     with pytest.raises(common.UserError, match="dataset preset 'math500' .* has no usable row"):
-        common.load_examples(f"math500:{bad}", need_response=False)
+        data.load_examples(f"math500:{bad}", need_response=False)
     bad.write_text("not json\n")
     with pytest.raises(common.UserError, match=f"could not load dataset preset 'math500' from {bad} .*; check the "
                                                 "network, or pass a local copy as math500:FILE"):
-        common.load_examples(f"math500:{bad}")
+        data.load_examples(f"math500:{bad}")
     with pytest.raises(common.UserError, match="dataset preset 'math500:x.jsonl' fixes its own fields; drop "
                                                 "--prompt-column"):
-        common.load_examples("math500:x.jsonl", prompt_column="question")
+        data.load_examples("math500:x.jsonl", prompt_column="question")
 
 
 @pytest.mark.slow
@@ -297,9 +302,9 @@ def test_evaluate_py_on_the_embedded_task(tmp_path, tiny_dir):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     score = json.loads(out.read_text())["scores"]["embedded"]
-    # the same 24 held-out problems, greedy, scored in this process through common.evaluate
-    path = common.resolve_model("embedded:warm")
-    tok, model = common.load_tokenizer(path), common.load_model(path).eval()
-    ex = common.tokenize_examples(tok, common.embedded_task("eval")[:24], 512, None, False)
-    assert score == common.evaluate(model, tok, ex, common.exact_reward, common.Dist(), 40, 64)
+    # the same 24 held-out problems, greedy, scored in this process through rollout.evaluate
+    path = data.resolve_model("embedded:warm")
+    tok, model = data.load_tokenizer(path), data.load_model(path).eval()
+    ex = data.tokenize_examples(tok, data.embedded_task("eval")[:24], 512, None, False)
+    assert score == rollout.evaluate(model, tok, ex, rollout.exact_reward, common.Dist(), 40, 64)
     assert 0 < score < 1 and f"[eval] embedded: {100 * score:.1f} on 24 problems (avg@1" in p.stdout

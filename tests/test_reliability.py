@@ -18,6 +18,8 @@ import torch
 from conftest import REPO, run_method
 
 import common
+import data
+import rollout
 
 SFT = ["--max-steps", 12, "--save-every", 4, "--eval-every", 6, "--eval-size", 16, "--batch-size", 16,
        "--keep-last", 5, "--quiet"]
@@ -154,7 +156,7 @@ def test_nonfinite_stops_with_message_and_checkpoint_intact(tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "error: step 14: grad_norm=nan is not finite; the last complete checkpoint is intact" in p.stderr
     last = common.list_checkpoints(tmp_path / "a")[-1]
-    assert last.name == "checkpoint-0000012" and common.load_model(str(last)) is not None
+    assert last.name == "checkpoint-0000012" and data.load_model(str(last)) is not None
     # --skip-nonfinite: the step is skipped and logged, the run goes on
     p = run_method("sft", *args, "--output-dir", tmp_path / "b", "--skip-nonfinite", env=env)
     assert "[summary] 1 of 16 optimizer steps were skipped as non-finite (--skip-nonfinite): those steps did not " \
@@ -272,7 +274,7 @@ def test_damaged_payload_stops_with_message_and_resume_after_damage_is_exact(tmp
     f.write_bytes(bytes(data))
     assert common.checkpoint_problem(ck) is None  # same size, valid header: not caught without reading it
     (ck / "trainer_state.pt").write_bytes(b"PK" + random.Random(1).randbytes(100))
-    model = FusedLM(common.load_model(str(reference / "checkpoint-0000008")))
+    model = FusedLM(data.load_model(str(reference / "checkpoint-0000008")))
     opt = torch.optim.AdamW(model.parameters())
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(common.UserError, match="checkpoint .*checkpoint-0000004 is damaged .*delete it and run again "
@@ -401,30 +403,30 @@ def test_max_steps_negative_writes_nothing_and_output_dir_a_file(tmp_path):
 def test_dataset_files_empty_not_utf8_unparsable_and_null_prompts(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     with pytest.raises(common.UserError, match=r"dataset file '.*empty.jsonl' is empty \(0 bytes\); check the file"):
-        common.load_examples(str(tmp_path / "empty.jsonl"))
+        data.load_examples(str(tmp_path / "empty.jsonl"))
     latin1 = '{"prompt": "café 1+1", "response": "2", "answer": "2"}\n'.encode("latin-1")
     (tmp_path / "latin1.jsonl").write_bytes(latin1)
     with pytest.raises(common.UserError, match=r"cannot read dataset file '.*latin1.jsonl' \(UnicodeDecodeError: .*\); "
                                                r"it is not UTF-8 text; re-encode it as UTF-8$"):
-        common.load_examples(str(tmp_path / "latin1.jsonl"))
+        data.load_examples(str(tmp_path / "latin1.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1", "response": "2", "answer": 2}\n{"prompt": \n')
     with pytest.raises(common.UserError, match=r"cannot read dataset file '.*bad.jsonl' \(.*\); a jsonl file is "
                                                "expected: one JSON object per line$"):
-        common.load_examples(str(tmp_path / "bad.jsonl"))
+        data.load_examples(str(tmp_path / "bad.jsonl"))
     rows = [{"prompt": None, "response": "2", "answer": "2"}, {"prompt": "  ", "response": "2", "answer": "2"},
             {"prompt": "1+1=", "response": "2", "answer": None}, {"prompt": "2+2=", "response": "4", "answer": 4}]
     (tmp_path / "nulls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert common.load_examples(str(tmp_path / "nulls.jsonl")) == [  # SFT: the answer is only used to score
+    assert data.load_examples(str(tmp_path / "nulls.jsonl")) == [  # SFT: the answer is only used to score
         {"prompt": "1+1=", "response": "2", "answer": ""}, {"prompt": "2+2=", "response": "4", "answer": "4"}]
     assert "skipped 2 rows with a null or empty prompt (--prompt-column prompt) and 0 with" in capsys.readouterr().err
-    assert common.load_examples(str(tmp_path / "nulls.jsonl"), need_response=False) == [  # RL prompts need answers
+    assert data.load_examples(str(tmp_path / "nulls.jsonl"), need_response=False) == [  # RL prompts need answers
         {"prompt": "2+2=", "response": None, "answer": "4"}]
     assert "skipped 2 rows with a null or empty prompt (--prompt-column prompt) and 1 with a null or empty answer " \
            "(--answer-column answer); 1 remain" in capsys.readouterr().err
     (tmp_path / "allnull.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     with pytest.raises(common.UserError, match=r"has no row with a prompt \(2 null or empty prompts, 0 null or empty "
                                                "answers\\); check --prompt-column/--answer-column"):
-        common.load_examples(str(tmp_path / "allnull.jsonl"))
+        data.load_examples(str(tmp_path / "allnull.jsonl"))
 
 
 def test_model_and_tokenizer_loader_errors(tmp_path, tiny_dir):
@@ -435,16 +437,16 @@ def test_model_and_tokenizer_loader_errors(tmp_path, tiny_dir):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(common.UserError, match=f"cannot load the model of '{bad}' \\(.*\\); the files in '{bad}' are "
                                                "damaged or incomplete: save the model again with save_pretrained"):
-        common.load_model(str(bad))
+        data.load_model(str(bad))
     pad = tmp_path / "pad"
     shutil.copytree(tiny_dir, pad)
-    tok = common.load_tokenizer(tiny_dir)
+    tok = data.load_tokenizer(tiny_dir)
     tok.add_special_tokens({"pad_token": "<|newpad|>"})
     tok.save_pretrained(pad)
     vocab = json.loads((pad / "config.json").read_text())["vocab_size"]
     with pytest.raises(common.UserError, match=f"has pad_token_id {vocab}, outside the model's vocabulary "
                                                f"\\(vocab_size {vocab} in config.json\\); set pad_token to a token"):
-        common.load_tokenizer(str(pad))
+        data.load_tokenizer(str(pad))
     p = run_method("sft", "--model", "nobody-xyz/no-such-model", "--output-dir", tmp_path / "o", check=False,
                    env={"HF_HUB_OFFLINE": "1"})
     assert p.returncode != 0 and "Traceback" not in p.stderr
@@ -562,7 +564,7 @@ def test_messages_name_the_flags_of_the_script(tiny_dir):
     --max-length in the teacher-forcing ones; the held-out advice names --eval-size 0, which now means no held-out
     evaluation."""
     from tests_util import load_method
-    tok = common.load_tokenizer(tiny_dir)
+    tok = data.load_tokenizer(tiny_dir)
     rows = [{"prompt": "12+34=" * 20, "response": "46", "answer": "46"}]
     for method, with_response, flag in [("grpo", False, "--max-prompt-length"), ("sft", True, "--max-length"),
                                         ("chord", True, "--max-prompt-length \\+ --max-new-tokens")]:
@@ -570,20 +572,20 @@ def test_messages_name_the_flags_of_the_script(tiny_dir):
         common.parse_args(mod.Args, [], presets={"recipe": mod.RECIPES})
         with pytest.raises(common.UserError, match=r"every one of the 1 examples was filtered out \(1 longer than 16 "
                                                    rf"tokens, 0 with an empty demonstration\); raise {flag}$"):
-            common.tokenize_examples(tok, rows, 16, with_response=with_response)
+            data.tokenize_examples(tok, rows, 16, with_response=with_response)
     with pytest.raises(common.UserError, match=r"pass --eval-dataset FILE, a smaller --eval-size, or --eval-size 0 "
                                                r"\(no held-out evaluation\)$"):
-        common.tokenize_examples(tok, [], 16)
+        data.tokenize_examples(tok, [], 16)
 
 
 def test_sampling_from_diverged_weights_is_one_line(tiny_dir):
     """A learning rate so large that the weights turn NaN makes torch.multinomial fail inside `generate`, before the
     loss's NaN check: one sentence instead of a traceback."""
-    tok = common.load_tokenizer(tiny_dir)
-    model = common.load_model(tiny_dir)
+    tok = data.load_tokenizer(tiny_dir)
+    model = data.load_model(tiny_dir)
     with torch.no_grad():
         model.get_input_embeddings().weight.fill_(float("nan"))
     with pytest.raises(common.UserError, match=r"sampling failed: the model's next-token probabilities are NaN/inf "
                                                r"\(its weights have diverged\); the last complete checkpoint is "
                                                "intact"):
-        common.generate(model, tok, [common.encode_prompt(tok, "1+1=")], n=2, max_new_tokens=4, temperature=1.0)
+        rollout.generate(model, tok, [data.encode_prompt(tok, "1+1=")], n=2, max_new_tokens=4, temperature=1.0)

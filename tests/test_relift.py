@@ -18,8 +18,8 @@ relift = load_method("relift")
 def _worker_batch():
     """The 8-row batch tests/_ddp_loss_worker.py builds (deterministic), to count the step's tokens."""
     import _ddp_loss_worker
-    import common
-    return _ddp_loss_worker.make_batch(len(common.build_embedded_tokenizer()))
+    import data
+    return _ddp_loss_worker.make_batch(len(data.build_embedded_tokenizer()))
 
 
 def _ddp_loss(m, o, b, z, agg, n_micro):
@@ -98,13 +98,13 @@ def test_relift_sft_loss_matches_reference():
 def test_entropy_gradient_flows_through_the_fused_head():
     """The fine-tuning loss on FusedLM(with_entropy=True) has the gradient of the same loss written with full
     logits, log_softmax and -sum p log p: the fused kernel differentiates the entropy term."""
-    import common
+    import data
     from kernels.engine import FusedLM
-    tok = common.build_embedded_tokenizer()
+    tok = data.build_embedded_tokenizer()
     torch.manual_seed(0)
-    lm = common.build_embedded_model(tok).float()
+    lm = data.build_embedded_model(tok).float()
     seqs = [([5, 6, 7, 8], [9, 10, 11, 1]), ([12, 13], [14, 15, 16, 17, 18, 1]), ([7, 7, 7], [20, 1])]
-    b = common.collate(seqs, tok.pad_token_id)
+    b = data.collate(seqs, tok.pad_token_id)
     alpha = 0.5  # large, so the entropy part of the gradient is visible
 
     def grads(loss):
@@ -145,8 +145,8 @@ def test_buffer_fires_at_m_on_the_newest_and_keeps_the_rest():
 
 
 def test_demonstration_is_cut_then_ends_with_eos():
-    import common
-    tok = common.build_embedded_tokenizer()
+    import data
+    tok = data.build_embedded_tokenizer()
     ids = tok("7+8=15#15", add_special_tokens=False)["input_ids"]
     assert relift.demonstration(tok, "7+8=15#15", 100) == ids + [tok.eos_token_id]
     assert relift.demonstration(tok, "7+8=15#15", 4) == ids[:4] + [tok.eos_token_id]

@@ -12,6 +12,10 @@ import torch
 from conftest import REPO, run_method
 
 import common
+import data
+import rollout
+import recipes.datasets
+import recipes
 
 DATA = REPO / "tests" / "data"
 TINY = ["--max-steps", 2, "--eval-size", 2, "--prompts-per-step", 2, "--num-generations", 2, "--max-new-tokens", 8,
@@ -28,28 +32,28 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
-    return common.load_tokenizer(tiny_dir)
+    return data.load_tokenizer(tiny_dir)
 
 
 # ---------------------------------------------------------------- rewards ----------------------------------------
 def test_answer_formats_follow_the_sources():
     text = "First \\boxed{3}, then \\boxed{\\frac{1}{2}}.\nAnswer: 42\n#### 7"
-    assert common.extract_answer(text, "boxed") == "\\frac{1}{2}"  # the LAST \boxed{}, braces balanced
-    assert common.extract_answer(text, "answer_line") == "42"  # DAPO: the last 'Answer:' line
-    assert common.extract_answer(text, "hash") == "7"  # embedded '#', GSM8K '####'
-    assert common.extract_answer("it is 1,250 or -3.5 units", "last_number") == "-3.5"
+    assert rollout.extract_answer(text, "boxed") == "\\frac{1}{2}"  # the LAST \boxed{}, braces balanced
+    assert rollout.extract_answer(text, "answer_line") == "42"  # DAPO: the last 'Answer:' line
+    assert rollout.extract_answer(text, "hash") == "7"  # embedded '#', GSM8K '####'
+    assert rollout.extract_answer("it is 1,250 or -3.5 units", "last_number") == "-3.5"
     # auto: boxed, else Answer:, else a '#' on the last line, else the last number, else the last line
-    assert common.extract_answer(text, "auto") == "\\frac{1}{2}"
-    assert common.extract_answer("so\nAnswer: $-9$.", "auto") == "-9"
-    assert common.extract_answer("# Plan\n7+8=15#125", "auto") == "125"
-    assert common.extract_answer("there are 3 apples and 4 pears, 7 in all", "auto") == "7"
-    assert common.extract_answer("Yes", "auto") == "Yes" and common.extract_answer("no answer", "boxed") == ""
+    assert rollout.extract_answer(text, "auto") == "\\frac{1}{2}"
+    assert rollout.extract_answer("so\nAnswer: $-9$.", "auto") == "-9"
+    assert rollout.extract_answer("# Plan\n7+8=15#125", "auto") == "125"
+    assert rollout.extract_answer("there are 3 apples and 4 pears, 7 in all", "auto") == "7"
+    assert rollout.extract_answer("Yes", "auto") == "Yes" and rollout.extract_answer("no answer", "boxed") == ""
     # every dataset preset says where its completions' answer is, and its rows carry it
-    assert {k: p["answer_format"] for k, p in common.DATASETS.items()}["dapo_math_17k"] == "answer_line"
-    assert all(p["answer_format"] in common.ANSWER_FORMATS for p in common.DATASETS.values())
-    assert {r["answer_format"] for r in common.load_examples("math500:tests/data/math500.jsonl", need_response=False)
+    assert {k: p["answer_format"] for k, p in recipes.dataset_presets().items()}["dapo_math_17k"] == "answer_line"
+    assert all(p["answer_format"] in rollout.ANSWER_FORMATS for p in recipes.dataset_presets().values())
+    assert {r["answer_format"] for r in data.load_examples("math500:tests/data/math500.jsonl", need_response=False)
             } == {"boxed"}
-    assert common.load_examples("embedded", limit=1)[0]["answer_format"] == "hash"
+    assert data.load_examples("embedded", limit=1)[0]["answer_format"] == "hash"
 
 
 def test_echoing_an_arithmetic_question_earns_nothing():
@@ -59,15 +63,15 @@ def test_echoing_an_arithmetic_question_earns_nothing():
         ex = {"prompt": r["question"], "answer": r["answer"]}
         expr = r["question"].split(" ", 1)[1].rstrip(".?").removeprefix("is ").removeprefix("out ")
         for echo in (expr, f"\\boxed{{{expr}}}", f"Answer: {expr}", r["question"]):
-            assert common.math_reward(echo, ex) == 0.0, (echo, ex)
+            assert rollout.math_reward(echo, ex) == 0.0, (echo, ex)
         worked = [f"{expr} = {r['answer']}"] if r["answer"] != "True" else []  # no marker: the last number
         for good in (f"\\boxed{{{r['answer']}}}", f"Answer: {r['answer']}", *worked):
-            assert common.math_reward(good, ex) == 1.0, (good, ex)
-    assert common.math_reward("\\boxed{413 \\times 20}", {"prompt": "", "answer": "8260"}) == 0.0
-    assert common.math_reward("\\boxed{8260}", {"prompt": "", "answer": "8260"}) == 1.0
-    assert common.math_reward("so \\boxed{-\\frac{7}{4}}", {"prompt": "", "answer": "-1.75"}) == 1.0  # a number form
-    assert common.math_reward("\\boxed{90^\\circ}", {"prompt": "", "answer": "90"}) == 1.0  # a unit, not a power
-    assert common.math_reward("\\boxed{-36/4}", {"prompt": "", "answer": "-9"}) == 0.0  # a reduced fraction only
+            assert rollout.math_reward(good, ex) == 1.0, (good, ex)
+    assert rollout.math_reward("\\boxed{413 \\times 20}", {"prompt": "", "answer": "8260"}) == 0.0
+    assert rollout.math_reward("\\boxed{8260}", {"prompt": "", "answer": "8260"}) == 1.0
+    assert rollout.math_reward("so \\boxed{-\\frac{7}{4}}", {"prompt": "", "answer": "-1.75"}) == 1.0  # a number form
+    assert rollout.math_reward("\\boxed{90^\\circ}", {"prompt": "", "answer": "90"}) == 1.0  # a unit, not a power
+    assert rollout.math_reward("\\boxed{-36/4}", {"prompt": "", "answer": "-9"}) == 0.0  # a reduced fraction only
     # the issue's measurement, in miniature: the old reward (math-verify on the raw completion, gold in $...$) paid
     # for echoes; evaluate.py's reward (get_reward_fn auto on a user's file) does not
     from math_verify import parse, verify
@@ -75,7 +79,7 @@ def test_echoing_an_arithmetic_question_earns_nothing():
     echoes = [(r["question"].split(" ", 1)[1].rstrip(".?").removeprefix("is ").removeprefix("out "),
                {"prompt": r["question"], "answer": r["answer"]}) for r in ar]
     old = sum(bool(verify(parse(f"${e['answer']}$"), parse(t))) for t, e in echoes)
-    new = common.get_reward_fn("auto", None, "auto", str(DATA / "user_arithmetic.jsonl"))
+    new = rollout.get_reward_fn("auto", None, "auto", str(DATA / "user_arithmetic.jsonl"))
     assert old >= 6 and sum(new(t, e) for t, e in echoes) == 0
 
 
@@ -87,27 +91,27 @@ def test_answers_in_words_latex_and_numbers_are_parsed_as_what_they_are():
     wrong = ["\\boxed{2}", "\\boxed{x = i}", "\\boxed{no}", "\\boxed{(x+1)^2}", "\\boxed{\\frac12}", "\\boxed{2^{n-1}}"]
     for r, g, w in zip(rows("user_competition.jsonl"), good, wrong):
         ex = {"prompt": r["problem"], "answer": r["answer"]}
-        assert common.math_reward(g, ex) == 1.0, (g, ex)
-        assert common.math_reward(w, ex) == 0.0, (w, ex)  # '(x+1)^2' restates the question: 0
-        assert common.math_reward(f"Answer: {r['answer']}", ex) == 1.0  # the words themselves
+        assert rollout.math_reward(g, ex) == 1.0, (g, ex)
+        assert rollout.math_reward(w, ex) == 0.0, (w, ex)  # '(x+1)^2' restates the question: 0
+        assert rollout.math_reward(f"Answer: {r['answer']}", ex) == 1.0  # the words themselves
     # exact: the extracted answer as a string, in any format (the old exact reward read only the text after '#')
-    assert common.exact_reward("so \\boxed{19}", {"answer": "19"}) == 1.0
-    assert common.exact_reward("7+8=15#125", {"answer": "125", "answer_format": "hash"}) == 1.0
-    assert common.exact_reward("12#5 \\boxed{125}", {"answer": "125"}, answer_format="hash") == 0.0
+    assert rollout.exact_reward("so \\boxed{19}", {"answer": "19"}) == 1.0
+    assert rollout.exact_reward("7+8=15#125", {"answer": "125", "answer_format": "hash"}) == 1.0
+    assert rollout.exact_reward("12#5 \\boxed{125}", {"answer": "125"}, answer_format="hash") == 0.0
 
 
 def test_reward_specs_weights_and_bad_specs(tmp_path):
     f = tmp_path / "my_rewards.py"
     f.write_text("def brevity(text, example):\n    return 1.0 / (1 + len(text))\n\ndef helper():\n    pass\n")
-    r = common.get_reward_fn(f"math,{f}:brevity", "1,0.5", "auto", "file.jsonl")
+    r = rollout.get_reward_fn(f"math,{f}:brevity", "1,0.5", "auto", "file.jsonl")
     ex = {"prompt": "Calculate -2 + -1137.", "answer": "-1139"}
     assert r("\\boxed{-1139}", ex) == pytest.approx(1.0 + 0.5 / 14)
     assert r("-2 + -1137", ex) == pytest.approx(0.5 / 11)
     assert r.metrics() == pytest.approx({"train/reward/math": 0.5, "train/reward/brevity": (1 / 14 + 1 / 11) / 2})
     assert r.metrics() == {"train/reward/math": 0.0, "train/reward/brevity": 0.0}  # reset after each step
     assert r("x", ex, record=False) and r.count == 0  # evaluation does not touch the training metrics
-    assert list(common.get_reward_fn("auto", None, "auto", "embedded").fns) == ["exact"]
-    assert list(common.get_reward_fn("auto", None, "auto", "x.jsonl").fns) == ["math"]
+    assert list(rollout.get_reward_fn("auto", None, "auto", "embedded").fns) == ["exact"]
+    assert list(rollout.get_reward_fn("auto", None, "auto", "x.jsonl").fns) == ["math"]
     for spec, weights, msg in [
             ("nope.py:f", None, "reward file 'nope.py' does not exist"),
             (f"{f}:missing", None, f"reward file '{f}' has no function 'missing'; its functions are ['brevity', "
@@ -117,11 +121,11 @@ def test_reward_specs_weights_and_bad_specs(tmp_path):
             ("math", "one", "--reward-weights 'one' must be comma-separated numbers")]:
         with pytest.raises(SystemExit, match="error: " + msg.replace("(", r"\(").replace(")", r"\)").replace(
                 "[", r"\[").replace("]", r"\]")):
-            common.get_reward_fn(spec, weights, "auto", "x.jsonl")
+            rollout.get_reward_fn(spec, weights, "auto", "x.jsonl")
     boom = tmp_path / "boom.py"
     boom.write_text("def r(text, example):\n    return example['missing']\n")
     with pytest.raises(SystemExit, match="error: reward 'r' raised KeyError: 'missing'"):
-        common.get_reward_fn(f"{boom}:r")("x", {"answer": "1"})
+        rollout.get_reward_fn(f"{boom}:r")("x", {"answer": "1"})
 
 
 @pytest.mark.slow
@@ -166,14 +170,14 @@ def test_embedded_tokenizer_refuses_characters_it_cannot_encode(tok, tmp_path):
     """'Is 575 >= 1?' reached the model as 'Is 575 = 1?' and '2^(n-1)' as '2(n-1)': now one error line."""
     assert tok.decode(tok.encode("Is 575 >= 1?")) == "Is 575 = 1?"  # what the byte-level BPE does with '>'
     with pytest.raises(SystemExit) as e:
-        common.tokenize_examples(tok, [{"prompt": "Is 575 >= 1?", "answer": "True"},
+        data.tokenize_examples(tok, [{"prompt": "Is 575 >= 1?", "answer": "True"},
                                        {"prompt": "Find 2^(n-1) for n = 3 ≥ 1", "answer": "4"}], 128,
                                  with_response=False)
     msg = str(e.value)
     assert msg.startswith("error: the embedded character tokenizer cannot encode '>', ") and "'^'" in msg
     assert "'≥' (GREATER-THAN OR EQUAL TO)" in msg and "(2 of 2 examples" in msg and "--model" in msg
     with pytest.raises(SystemExit, match="cannot encode '≤'"):  # a message of a conversation, a system prompt
-        common.tokenize_examples(tok, [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}], 128,
+        data.tokenize_examples(tok, [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}], 128,
                                  system_prompt="x ≤ y", with_response=False)
     # end to end: the run stops before loading the model, with one line and no traceback
     p = run_method("sft", "--dataset", DATA / "user_arithmetic.jsonl", "--prompt-column", "question",
@@ -183,29 +187,29 @@ def test_embedded_tokenizer_refuses_characters_it_cannot_encode(tok, tmp_path):
 
 
 def test_conversational_prompt_renders_exactly_as_apply_chat_template(tok):
-    loaded = common.load_examples(str(DATA / "user_conversational.jsonl"), need_response=False)
+    loaded = data.load_examples(str(DATA / "user_conversational.jsonl"), need_response=False)
     assert isinstance(loaded[0]["prompt"], list)  # not stringified to "role: user, content: ..."
-    ex = common.tokenize_examples(tok, loaded, 256, with_response=False)
+    ex = data.tokenize_examples(tok, loaded, 256, with_response=False)
     for r, e in zip(rows("user_conversational.jsonl"), ex):
         want = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
         assert e["prompt_ids"] == want["input_ids"]
     assert tok.decode(ex[1]["prompt_ids"]) == ("<|user|>What is 5+3?<|end|><|assistant|>5+3=8#8<|end|><|user|>And "
                                                "6+3?<|end|><|assistant|>")
     # --system-prompt goes in front unless the conversation has its own system message
-    sys_ids = common.encode_prompt(tok, loaded[0]["prompt"], "Other.")
+    sys_ids = data.encode_prompt(tok, loaded[0]["prompt"], "Other.")
     assert tok.decode(sys_ids).startswith("<|system|>Answer with the digits after #.<|end|>")
-    assert tok.decode(common.encode_prompt(tok, loaded[1]["prompt"], "Be brief.")).startswith(
+    assert tok.decode(data.encode_prompt(tok, loaded[1]["prompt"], "Be brief.")).startswith(
         "<|system|>Be brief.<|end|><|user|>What is 5+3?")
 
 
 def test_messages_and_prompt_completion_columns(tok):
-    msgs = common.load_examples(str(DATA / "user_messages.jsonl"))
+    msgs = data.load_examples(str(DATA / "user_messages.jsonl"))
     assert msgs[0]["prompt"] == rows("user_messages.jsonl")[0]["messages"][:2]
     assert msgs[0]["response"] == "2+7=9,1+0=1#19"  # the last assistant turn is the response
-    ex = common.tokenize_examples(tok, msgs[:1], 256)[0]
+    ex = data.tokenize_examples(tok, msgs[:1], 256)[0]
     full = tok.apply_chat_template(rows("user_messages.jsonl")[0]["messages"], tokenize=True, return_dict=True)
     assert ex["prompt_ids"] + ex["response_ids"] == full["input_ids"]  # the whole conversation, as the template
-    pc = common.load_examples(str(DATA / "user_prompt_completion.jsonl"))
+    pc = data.load_examples(str(DATA / "user_prompt_completion.jsonl"))
     assert [(r["prompt"], r["response"]) for r in pc] == [("12+7=", "2+7=9,1+0=1#19"), ("23+45=", "3+5=8,2+4=6#68")]
 
 
@@ -214,15 +218,15 @@ def test_heldout_split_is_random_seeded_and_eval_size_zero_means_none():
         return SimpleNamespace(**{**dict(dataset=str(DATA / "user_messages.jsonl"), dataset_split="train",
                                          dataset_config=None, prompt_column="prompt", response_column="response",
                                          answer_column="answer", eval_dataset=None, eval_size=2, seed=0), **kw})
-    train, held = common.load_train_eval(args())
+    train, held = data.load_train_eval(args())
     assert len(train) == 4 and len(held) == 2 and held != rows("user_messages.jsonl")[-2:]  # not the last rows
-    assert common.load_train_eval(args(seed=7)) == (train, held)  # the same rows whatever --seed
+    assert data.load_train_eval(args(seed=7)) == (train, held)  # the same rows whatever --seed
     assert not {r["response"] for r in train} & {r["response"] for r in held}
-    train0, held0 = common.load_train_eval(args(eval_size=0))
+    train0, held0 = data.load_train_eval(args(eval_size=0))
     assert len(train0) == 6 and held0 == []  # rows[:-0] used to empty the training set
-    assert common.load_train_eval(args(dataset="embedded", eval_size=0))[1] == []
+    assert data.load_train_eval(args(dataset="embedded", eval_size=0))[1] == []
     with pytest.raises(SystemExit, match="no training examples are left"):
-        common.load_train_eval(args(eval_size=6))
+        data.load_train_eval(args(eval_size=6))
 
 
 @pytest.mark.slow
@@ -248,10 +252,10 @@ def test_sft_without_answers_scores_the_heldout_loss(tmp_path, tiny_dir, tok):
     args = SimpleNamespace(dataset=str(DATA / "user_messages_noanswer.jsonl"), dataset_split="train",
                            dataset_config=None, prompt_column="prompt", response_column="response",
                            answer_column="answer", eval_dataset=None, eval_size=2, seed=0)
-    _, held = common.load_train_eval(args, need_answer=False)
+    _, held = data.load_train_eval(args, need_answer=False)
     assert all(r["answer"] is None for r in held)
-    model, nll, n = common.load_model(tiny_dir).eval(), 0.0, 0
-    for ex in common.tokenize_examples(tok, held, 256):
+    model, nll, n = data.load_model(tiny_dir).eval(), 0.0, 0
+    for ex in data.tokenize_examples(tok, held, 256):
         ids = torch.tensor([ex["prompt_ids"] + ex["response_ids"]])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
@@ -266,10 +270,10 @@ def test_chat_template_flag(tiny_dir, tmp_path):
          "{% if add_generation_prompt %}assistant: {% endif %}")
     (tmp_path / "t.jinja").write_text(t)
     for value in (t, str(tmp_path / "t.jinja")):
-        tok = common.load_tokenizer(tiny_dir, chat_template=value)
-        assert tok.decode(common.encode_prompt(tok, "12+7=", "Be brief.")) == "system: Be brief.\nuser: 12+7=\nassistant: "
+        tok = data.load_tokenizer(tiny_dir, chat_template=value)
+        assert tok.decode(data.encode_prompt(tok, "12+7=", "Be brief.")) == "system: Be brief.\nuser: 12+7=\nassistant: "
     with pytest.raises(SystemExit, match="error: --chat-template 'nofile.jinja' is neither a file nor a Jinja"):
-        common.load_tokenizer(tiny_dir, chat_template="nofile.jinja")
+        data.load_tokenizer(tiny_dir, chat_template="nofile.jinja")
 
 
 # ---------------------------------------------------------------- the small ones ---------------------------------
@@ -307,14 +311,14 @@ def test_offline_hub_model_and_too_long_lengths_one_error_line(tmp_path):
 
 def test_no_future_warnings_from_our_generate_and_packed_passes(tiny_dir, tok):
     from kernels.engine import FusedLM
-    model = common.load_model(tiny_dir)
-    prompts = [common.encode_prompt(tok, "1+2="), common.encode_prompt(tok, "345+67=")]
+    model = data.load_model(tiny_dir)
+    prompts = [data.encode_prompt(tok, "1+2="), data.encode_prompt(tok, "345+67=")]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        comps, _, _ = common.generate(model, tok, prompts, n=3, max_new_tokens=4, seed=1)  # shared-prefix prefill
-        b = common.collate([(prompts[i // 3], c) for i, c in enumerate(comps)], tok.pad_token_id)
+        comps, _, _ = rollout.generate(model, tok, prompts, n=3, max_new_tokens=4, seed=1)  # shared-prefix prefill
+        b = data.collate([(prompts[i // 3], c) for i, c in enumerate(comps)], tok.pad_token_id)
         FusedLM(model)(b["input_ids"], b["attention_mask"], b["loss_mask"])
-    assert common.cache_kwarg(model) in ("cache", "past_key_values")
+    assert rollout.cache_kwarg(model) in ("cache", "past_key_values")
 
 
 @pytest.mark.slow
@@ -342,15 +346,15 @@ def test_report_to_each_tracker_offline_when_installed(tmp_path):
 
 def test_heldout_samples_logged_for_teacher_forcing_methods(tiny_dir, tok, tmp_path):
     """sft/dft/otr have no rollouts: each evaluation writes a few greedy held-out completions instead."""
-    ex = common.tokenize_examples(tok, common.embedded_task("eval")[:6], 128, with_response=False)
+    ex = data.tokenize_examples(tok, data.embedded_task("eval")[:6], 128, with_response=False)
     log = common.MetricsLogger(tmp_path, common.Dist(), 1, quiet=True)
     args = SimpleNamespace(max_new_tokens=6, eval_samples=0, eval_temperature=1.0)
-    reward = common.get_reward_fn("auto")
-    acc = common.eval_metrics(common.load_model(tiny_dir), tok, ex, reward, common.Dist(), args, log=log, step=3)
+    reward = rollout.get_reward_fn("auto")
+    acc = rollout.eval_metrics(data.load_model(tiny_dir), tok, ex, reward, common.Dist(), args, log=log, step=3)
     recs = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all(r["step"] == 3 and r["advantage"] is None for r in recs)
     assert [r["answer"] for r in recs] == [e["answer"] for e in ex[:4]]
-    assert all(r["reward"] == common.exact_reward(r["completion"], {"answer": r["answer"], "answer_format": "hash"})
+    assert all(r["reward"] == rollout.exact_reward(r["completion"], {"answer": r["answer"], "answer_format": "hash"})
                for r in recs) and list(acc) == ["eval/accuracy"]
     assert reward.count == 0  # held-out scores are not training rewards
 
@@ -362,10 +366,10 @@ def test_dataset_config_selects_a_configuration(tmp_path):
                                         "- config_name: hard\n  data_files: hard.jsonl\n---\n")
     for name, q in [("easy", "1+1="), ("hard", "12*34=")]:
         (tmp_path / f"{name}.jsonl").write_text(json.dumps({"prompt": q, "answer": str(eval(q[:-1]))}) + "\n")
-    assert common.load_examples(str(tmp_path), config="hard", need_response=False)[0]["prompt"] == "12*34="
-    assert common.load_examples(str(tmp_path), config="easy", need_response=False)[0]["answer"] == "2"
+    assert data.load_examples(str(tmp_path), config="hard", need_response=False)[0]["prompt"] == "12*34="
+    assert data.load_examples(str(tmp_path), config="easy", need_response=False)[0]["answer"] == "2"
     with pytest.raises(SystemExit, match=f"error: could not load dataset '{tmp_path}' config 'medium' split 'train'"):
-        common.load_examples(str(tmp_path), config="medium", need_response=False)
+        data.load_examples(str(tmp_path), config="medium", need_response=False)
 
 
 def test_zero_signal_warning_needs_consecutive_steps(tmp_path, capsys):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import REPO, run_method, torchrun
 
-import common
+import data
+import rollout
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -14,11 +15,11 @@ vllm = pytest.importorskip("vllm")
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return common.VLLMEngine(tiny_dir, seed=0, max_model_len=128)
+    return rollout.VLLMEngine(tiny_dir, seed=0, max_model_len=128)
 
 
 def hf_logprobs(model, prompts, comps, pad, temperature=1.0):
-    b = common.collate(list(zip(prompts, comps)), pad)
+    b = data.collate(list(zip(prompts, comps)), pad)
     with torch.no_grad():
         logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits.float() / temperature
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
@@ -26,9 +27,9 @@ def hf_logprobs(model, prompts, comps, pad, temperature=1.0):
 
 
 def test_generate_n_samples_with_logprobs(engine, tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
-    prompts = [common.encode_prompt(tok, "12+34="), common.encode_prompt(tok, "5*7=")]
-    comps, fin, lps = common.generate(None, tok, prompts, n=3, max_new_tokens=8, temperature=1.0, seed=0,
+    tok = data.load_tokenizer(tiny_dir)
+    prompts = [data.encode_prompt(tok, "12+34="), data.encode_prompt(tok, "5*7=")]
+    comps, fin, lps = rollout.generate(None, tok, prompts, n=3, max_new_tokens=8, temperature=1.0, seed=0,
                                       engine=engine)
     assert len(comps) == 6 and len(fin) == 6 and len(lps) == 6
     for c, f, lp in zip(comps, fin, lps):
@@ -36,9 +37,9 @@ def test_generate_n_samples_with_logprobs(engine, tiny_dir):
 
 
 def test_weight_push_logprobs_match_trainer(engine, tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
-    model = common.load_model(tiny_dir)
-    prompts = [common.encode_prompt(tok, "123+45="), common.encode_prompt(tok, "67*8=")]
+    tok = data.load_tokenizer(tiny_dir)
+    model = data.load_model(tiny_dir)
+    prompts = [data.encode_prompt(tok, "123+45="), data.encode_prompt(tok, "67*8=")]
     torch.manual_seed(0)
     with torch.no_grad():  # a different model than the one the engine loaded
         for p in model.parameters():
@@ -47,7 +48,7 @@ def test_weight_push_logprobs_match_trainer(engine, tiny_dir):
     engine.push(model)
     push_s = time.time() - t
     for temperature in (1.0, 0.7):  # the engine reports log-probs of logits / T, as the trainer computes them
-        comps, _, lps = common.generate(None, tok, prompts, n=2, max_new_tokens=10, temperature=temperature, seed=3,
+        comps, _, lps = rollout.generate(None, tok, prompts, n=2, max_new_tokens=10, temperature=temperature, seed=3,
                                         engine=engine)
         ref = hf_logprobs(model, [p for p in prompts for _ in range(2)], comps, tok.pad_token_id, temperature)
         gap = max(float((torch.tensor(lp) - r).abs().max()) for lp, r in zip(lps, ref))
