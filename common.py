@@ -1,13 +1,9 @@
-"""Plumbing of a run, shared by every method file: arguments, distributed set-up, checkpoints, the output directory
-and resume, metrics, and the small loop helpers. Nothing here reads a method's hyperparameters or changes a gradient.
-What goes into the model (models, tokenizers, data) is in data.py; what comes out of it (generation, rewards,
-held-out evaluation) in rollout.py; the papers' settings are data in recipes/, read only for --recipe NAME, a
-dataset preset or --dry-run.
-
-Importing this module has no side effects (no torch.distributed init, no file writes); heavy imports happen inside
-the functions that need them.
-"""
+"""The run's plumbing, shared by every method file: arguments, distributed set-up, checkpoints, output directory and
+resume, metrics, loop helpers. Nothing here reads a method's hyperparameters or changes a gradient. data.py: what goes
+into the model; rollout.py: what comes out (generation, rewards, evaluation); recipes/: the papers' settings.
+Importing this module has no side effects; heavy imports happen inside the functions that need them."""
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -21,7 +17,6 @@ import subprocess
 import sys
 import time
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,12 +85,6 @@ def _resolve_tables(values, explicit, tables):
     return values, sources
 
 
-def dry_run(args, frozen=(), extra_sequences=0):
-    """--dry-run (recipes/dry_run.py): every value with its source, the batch and a memory estimate; loads nothing."""
-    from recipes.dry_run import dry_run
-    return dry_run(args, frozen, extra_sequences)
-
-
 def _paper_recipes(cls, presets, name):
     """The tables with recipes/<method>.py's paper recipes added when --recipe names one (read only then)."""
     if not presets or "recipe" not in presets or name in (None, "auto", *presets["recipe"]):
@@ -110,6 +99,12 @@ def _paper_recipes(cls, presets, name):
         raise UserError(f"--recipe {name}: {method}.py has no such recipe; choose one of "
                         f"{', '.join(c for c in [*presets['recipe'], *table] if c != 'auto')} (recipes/{method}.py)")
     return {**presets, "recipe": {**presets["recipe"], **table}}
+
+
+def dry_run(args, frozen=(), extra_sequences=0):
+    """--dry-run (recipes/dry_run.py): every value with its source, the batch and a memory estimate; loads nothing."""
+    from recipes.dry_run import dry_run
+    return dry_run(args, frozen, extra_sequences)
 
 
 def parse_args(cls, argv=None, presets=None, ranges=None):
@@ -157,6 +152,8 @@ def parse_args(cls, argv=None, presets=None, ranges=None):
     args = cls(**values)
     args._explicit = sorted(explicit)  # recorded in config.json
     args._sources = sources  # which table set which value (recorded in config.json, printed by --dry-run)
+    if getattr(args, "output_dir", "") is None:  # default: runs/<method file name>
+        args.output_dir = f"runs/{Path(inspect.getfile(cls)).stem}"
     check_ranges(args, ranges)
     for name in sorted(explicit & ACTS_ONLY_WITH.keys()):
         if not ACTS_ONLY_WITH[name][0](args):
@@ -212,7 +209,7 @@ def check_ranges(args, ranges=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed: torchrun env -> process group (gloo on CPU, NCCL on CUDA); DDP or FSDP2
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclasses.dataclass
 class Dist:
     rank: int = 0
     local_rank: int = 0
@@ -229,11 +226,9 @@ def setup_distributed(seed=0, timeout=1800):
     ranks: a collective that waits longer than `timeout` seconds (--dist-timeout) ends the job with a message, and a
     worker whose launcher died exits."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         import datetime
         _exit_with_launcher(rank)
@@ -340,21 +335,6 @@ def unwrap(model):
     return getattr(model, "lm", model)
 
 
-class full_params:
-    """Context manager: under FSDP2 gather the root's parameters (needed to call `generate` outside forward)."""
-
-    def __init__(self, model):
-        self.model = model if hasattr(model, "unshard") else None
-
-    def __enter__(self):
-        if self.model is not None:
-            self.model.unshard()
-
-    def __exit__(self, *exc):
-        if self.model is not None:
-            self.model.reshard()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary directory, marked COMPLETE with every file's size, then renamed
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,8 +391,7 @@ def _remove_checkpoint(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def warn(msg):
-    """One line `warning: ...` on stderr, from rank 0 only."""
+def warn(msg):  # one line `warning: ...` on stderr, from rank 0 only
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -621,8 +600,7 @@ def latest_checkpoint(args):
     return None
 
 
-def _row_kind(rec):
-    """A metrics row's kind, 'eval' (held-out metrics) or 'train'; rows are keyed by (step, kind)."""
+def _row_kind(rec):  # a metrics row's kind: 'eval' (held-out metrics) or 'train'; rows are keyed by (step, kind)
     return "eval" if any(k.startswith("eval/") for k in rec) else "train"
 
 
@@ -631,18 +609,16 @@ ZERO_SIGNAL_STEPS = 5  # consecutive steps without a learning signal before the 
 
 
 class MetricsLogger:
-    """Rank 0 appends one JSON line per logged step to metrics.jsonl and shows a tqdm bar; --report-to also sends the
-    metrics (same names) to TensorBoard (out/tb), W&B (offline with WANDB_MODE=offline) and trackio (a local store),
-    each when installed. completions() writes sample completions to completions.jsonl. A step without learning
-    signal (every group's rewards equal, or every completion truncated) for ZERO_SIGNAL_STEPS steps in a row is
-    warned about on the console and counted in train/zero_signal_steps. On resume the files stay exact: lines after
-    the resumed step are dropped, and a metrics row whose (step, kind) is already in the file (the step-0 evaluation
-    of a run killed before its first checkpoint, the final evaluation of one killed after it) is not written again."""
+    """Rank 0 appends a JSON line per logged step to metrics.jsonl, shows a tqdm bar and, with --report-to, sends the
+    same metrics to TensorBoard (out/tb), W&B or trackio; completions() writes completions.jsonl. ZERO_SIGNAL_STEPS
+    steps in a row without learning signal (all rewards of every group equal, or every completion truncated) are
+    warned about and counted in train/zero_signal_steps. On resume the files stay exact: lines after the resumed step
+    are dropped, and a row whose (step, kind) is already there (an evaluation logged before the kill) is not repeated."""
 
-    def __init__(self, out_dir, d, total, start=0, quiet=False, report_to="none", config=None):
+    def __init__(self, out_dir, d, total, start=0, quiet=False, report_to="none", args=None):
         self.d, self.path, self.tb, self.wandb, self.trackio, self.bar = d, Path(out_dir) / "metrics.jsonl", *[None] * 4
         self.samples_path, self.quiet, self.streak = Path(out_dir) / "completions.jsonl", quiet, {}
-        self.logged = set()
+        self.logged, self.name = set(), _method_name(args) if args is not None else "run"  # [name] on printed lines
         _nonfinite.update(steps=0, skipped=0, in_a_row=0)  # a new run (several can run in one process, e.g. tests)
         targets = [t.strip() for t in str(report_to or "none").split(",") if t.strip() not in ("", "none")]
         bad = [t for t in targets if t not in REPORT_TO]
@@ -667,7 +643,7 @@ class MetricsLogger:
         if not quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, file=sys.stdout)
-        config = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
+        config = {k: v for k, v in vars(args or {}).items() if not k.startswith("_")} if args is not None else {}
         for t in targets:
             try:
                 if t == "tensorboard":
@@ -765,37 +741,9 @@ class MetricsLogger:
         if _nonfinite["skipped"]:
             self.print(f"[summary] {_nonfinite['skipped']} of {_nonfinite['steps']} optimizer steps were skipped as "
                        "non-finite (--skip-nonfinite): those steps did not train")
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-        if self.trackio:
-            self.trackio.finish()
-
-
-def score_str(accs):
-    """The final held-out metrics (eval_metrics' dict) for the 'done' line."""
-    if "eval/accuracy" in accs:
-        return f"held-out accuracy {accs['eval/accuracy']:.3f}"
-    if "eval/nll" in accs:
-        return f"held-out nll {accs['eval/nll']:.4f} (the held-out rows have no answers to score)"
-    return "no held-out evaluation (--eval-size 0)"
-
-
-def rollout_batch(args, world_size):
-    """Completions per rank and rollout step, refused when --prompts-per-step x G cannot be split over the ranks and
-    into --steps-per-generation x --grad-accum equal micro-batches, or when a group is too small to learn from."""
-    G = args.num_generations
-    if G < 2 and args.scale_rewards != "none":
-        raise UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions per prompt "
-                        "(a group of one has advantage 0 and nothing is learned)")
-    if args.prompts_per_step % world_size:
-        raise UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size {world_size}")
-    n_local = args.prompts_per_step // world_size * G
-    if n_local % (args.steps_per_generation * args.grad_accum):
-        raise UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
-                        f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
-    return n_local
+        for finish in (self.tb and self.tb.close, self.wandb and self.wandb.finish, self.trackio and self.trackio.finish):
+            if finish:
+                finish()
 
 
 def lr_schedule(optimizer, warmup_steps, total_steps, kind="cosine", min_ratio=0.0):
@@ -812,7 +760,6 @@ def lr_schedule(optimizer, warmup_steps, total_steps, kind="cosine", min_ratio=0
 
 def no_sync(model, sync):
     """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step (DDP and FSDP2)."""
-    import contextlib
     if hasattr(model, "no_sync"):
         return contextlib.nullcontext() if sync else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
@@ -850,5 +797,4 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def timer():
-    return time.perf_counter()
+timer = time.perf_counter  # seconds, for the perf/ metrics

@@ -20,6 +20,38 @@ import data
 # Generation: Hugging Face generate (default) or a colocated vLLM engine, behind one function
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def rollout_batch(args, world_size):
+    """Completions per rank and rollout step, refused when --prompts-per-step x G cannot be split over the ranks and
+    into --steps-per-generation x --grad-accum equal micro-batches, or when a group is too small to learn from."""
+    G = args.num_generations
+    if G < 2 and args.scale_rewards != "none":
+        raise common.UserError(f"--num-generations {G}: group-normalised advantages need at least 2 completions "
+                               "per prompt (a group of one has advantage 0 and nothing is learned)")
+    if args.prompts_per_step % world_size:
+        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} is not divisible by world size "
+                               f"{world_size}")
+    n_local = args.prompts_per_step // world_size * G
+    if n_local % (args.steps_per_generation * args.grad_accum):
+        raise common.UserError(f"{n_local} completions per rank cannot be split into --steps-per-generation "
+                               f"{args.steps_per_generation} x --grad-accum {args.grad_accum} equal micro-batches")
+    return n_local
+
+
+class full_params:
+    """Context manager: under FSDP2 gather the root's parameters (needed to call `generate` outside forward)."""
+
+    def __init__(self, model):
+        self.model = model if hasattr(model, "unshard") else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.model.unshard()
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.reshard()
+
+
 def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=0, engine=None):
     """prompts: list of prompt token-id lists. Returns (completions, finished, logprobs): completions is a list of
     len(prompts)*n token-id lists (n consecutive samples per prompt, each cut after its first EOS), finished[i] is
@@ -44,7 +76,7 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0,
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
         do_sample=False, temperature=None, top_p=None, top_k=None)
     # inference mode: ~6% less CPU than no_grad (measured); not under FSDP2, whose buffers must stay normal tensors
-    with common.full_params(model), torch.inference_mode(not hasattr(model, "unshard")):
+    with full_params(model), torch.inference_mode(not hasattr(model, "unshard")):
         ids, attn, n, cache = _shared_prefill(lm, ids.to(dev), attn.to(dev), n)
         try:
                    out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
@@ -396,3 +428,12 @@ def heldout_nll(model, tokenizer, examples, d, batch_size=32):
     model.train(was_training)
     total = common.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def score_str(accs):
+    """The final held-out metrics (eval_metrics' dict) for the 'done' line."""
+    if "eval/accuracy" in accs:
+        return f"held-out accuracy {accs['eval/accuracy']:.3f}"
+    if "eval/nll" in accs:
+        return f"held-out nll {accs['eval/nll']:.4f} (the held-out rows have no answers to score)"
+    return "no held-out evaluation (--eval-size 0)"

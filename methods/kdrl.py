@@ -90,7 +90,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/kdrl.py
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -132,7 +132,7 @@ class Args:
     gradient_checkpointing: bool = False  # recompute activations in backward
     fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
-    output_dir: str = "runs/kdrl"  # metrics.jsonl, config.json, checkpoints
+    output_dir: Optional[str] = None  # metrics.jsonl, config.json, checkpoints (default: runs/<this file's name>)
     eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
     save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
@@ -269,7 +269,7 @@ def main():
     train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length, args.system_prompt, False, print)
     evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
+    n_local = rollout.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
 
     # 2. models: policy (fused log-prob head), frozen teacher, generator
     lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
@@ -289,10 +289,10 @@ def main():
         start, tokens_seen = state["step"], state["tokens"]
         if engine:
             engine.push(model)
-    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, vars(args))
-    log.print(f"[kdrl] {len(train)} prompts, {len(evalset)} held-out, G={G}, teacher {args.teacher}, "
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, args)
+    log.print(f"[{log.name}] {len(train)} prompts, {len(evalset)} held-out, G={G}, teacher {args.teacher}, "
               f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    log.print(f"[kdrl] {fused.summary}")
+    log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
@@ -420,7 +420,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[kdrl] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[{log.name}] done: {rollout.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine
     common.cleanup_distributed()

@@ -71,7 +71,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     max_new_tokens: int = 64  # evaluation generation length
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/otr.py
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
     # --- optimisation ---
     max_steps: int = 400  # optimizer steps (DFT paper: 1 epoch of 100k at batch 256 = 390 steps)
     batch_size: int = 256  # sequences per optimizer step, all ranks and micro-batches (DFT paper)
@@ -91,7 +91,7 @@ class Args:
     gradient_checkpointing: bool = False  # recompute activations in backward
     fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
-    output_dir: str = "runs/otr"  # metrics.jsonl, config.json, checkpoints
+    output_dir: Optional[str] = None  # metrics.jsonl, config.json, checkpoints (default: runs/<this file's name>)
     eval_every: int = 100  # steps between held-out evaluations (0: only at start and end)
     save_every: int = 200  # steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
@@ -192,10 +192,10 @@ def main():
     if ckpt:
         state = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)
         start, tokens_seen = state["step"], state["tokens"]
-    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, vars(args))
-    log.print(f"[otr] {len(train)} demonstrations, {len(evalset)} held-out, world size {d.world_size}, "
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, args)
+    log.print(f"[{log.name}] {len(train)} demonstrations, {len(evalset)} held-out, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    log.print(f"[otr] {fused.summary}")
+    log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
     def run_eval(step):
@@ -260,7 +260,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[otr] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[{log.name}] done: {rollout.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer
     common.cleanup_distributed()
