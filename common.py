@@ -610,7 +610,7 @@ ZERO_SIGNAL_STEPS = 5  # consecutive steps without a learning signal before the 
 
 class MetricsLogger:
     """Rank 0 appends a JSON line per logged step to metrics.jsonl, shows a tqdm bar and, with --report-to, sends the
-    same metrics to TensorBoard (out/tb), W&B or trackio; completions() writes completions.jsonl. ZERO_SIGNAL_STEPS
+    same metrics to TensorBoard (out/tb), W&B or trackio; rollout.log_completions writes completions.jsonl. ZERO_SIGNAL_STEPS
     steps in a row without learning signal (all rewards of every group equal, or every completion truncated) are
     warned about and counted in train/zero_signal_steps. On resume the files stay exact: lines after the resumed step
     are dropped, and a row whose (step, kind) is already there (an evaluation logged before the kill) is not repeated."""
@@ -708,29 +708,6 @@ class MetricsLogger:
                        f"{self.streak['truncated']} steps (train/frac_truncated 1.0): no completion reaches its "
                        "answer. Raise --max-new-tokens or check the prompt and chat template")
 
-    def completions(self, step, tokenizer, samples, advantages=None, n_print=2):
-        """Write every sample of this step (prompt, completion, reward, advantage, finished, gold answer) to
-        completions.jsonl, as text to TensorBoard when enabled, and print the first n_print. samples: dicts with
-        example (prompt_ids, answer), completion (token ids), reward, finished."""
-        if not self.d.is_main:
-            return
-        adv = [None] * len(samples) if advantages is None else [float(a) for a in advantages]
-        recs = [{"step": step, "prompt": tokenizer.decode(s["example"]["prompt_ids"]),
-                 "completion": tokenizer.decode(s["completion"], skip_special_tokens=True),
-                 "reward": round(float(s["reward"]), 6), "advantage": None if a is None else round(a, 6),
-                 "finished": bool(s.get("finished", True)), "answer": s["example"].get("answer")}
-                for s, a in zip(samples, adv)]
-        with open(self.samples_path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-        if self.tb:
-            self.tb.add_text("completions", "\n\n".join(
-                f"**reward {r['reward']:.3g}, advantage {r['advantage']}**\n\n    {r['prompt']!r}\n    "
-                f"{r['completion']!r}" for r in recs[:8]), step)
-        for r in recs[:0 if self.quiet else n_print]:
-            adv_s = "" if r["advantage"] is None else f", advantage {r['advantage']:+.3f}"
-            self.print(f"[sample] step {step}, reward {r['reward']:.3g}{adv_s}: {r['prompt'][-60:]!r} -> "
-                       f"{r['completion'][:160]!r}")
-
     def print(self, msg):
         if self.d.is_main:
             (self.bar.write if self.bar else print)(msg)
@@ -744,6 +721,19 @@ class MetricsLogger:
         for finish in (self.tb and self.tb.close, self.wandb and self.wandb.finish, self.trackio and self.trackio.finish):
             if finish:
                 finish()
+
+
+def optimizer_step(model, optimizer, scheduler, step, loss, max_grad_norm, skip_nonfinite):
+    """Clip the gradient norm, step the optimizer and the schedule unless the loss or the norm is not finite (then
+    `nonfinite` stops the run, or skips the step with --skip-nonfinite), zero the gradients. Returns (norm, stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    skipped = nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)}, skip_nonfinite)
+    if not skipped:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, not skipped
 
 
 def lr_schedule(optimizer, warmup_steps, total_steps, kind="cosine", min_ratio=0.0):

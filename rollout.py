@@ -6,6 +6,7 @@ Importing this module has no side effects; transformers, vllm and math_verify ar
 """
 import functools
 import inspect
+import json
 import math
 import os
 import re
@@ -405,7 +406,7 @@ def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, lo
     out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine,
                                      keep=keep)}
     if log is not None:
-        log.completions(step, tokenizer, keep)
+        log_completions(log, step, tokenizer, keep)
     if args.eval_samples > 0:
         out["eval/sampled_accuracy"] = evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens,
                                                 k=args.eval_samples, temperature=args.eval_temperature, engine=engine)
@@ -428,6 +429,47 @@ def heldout_nll(model, tokenizer, examples, d, batch_size=32):
     model.train(was_training)
     total = common.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def rollout_metrics(samples, rewards, G, old_logp=None, skip=None):
+    """train/ metrics of a rollout step: reward mean and std, the share of groups whose rewards are all equal (no
+    learning signal), completion length, the share truncated at --max-new-tokens; with a vLLM engine (old_logp: the
+    trainer's log-probs of the batch) the mean |gap| to the engine's sampling log-probs, which grows when the weight
+    sync is broken. skip: response tokens per sample that the engine did not sample (Prefix-RFT's prefix)."""
+    lengths = torch.tensor([float(len(s["completion"])) for s in samples])
+    std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
+    out = {"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+           "train/frac_zero_std_groups": (std_g == 0).float().mean(), "train/completion_length": lengths.mean(),
+           "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean()}
+    if old_logp is not None and samples[0]["gen_logp"] is not None:
+        gap = [abs(a - b) for s, k, row in zip(samples, skip or [0] * len(samples), old_logp)
+               for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]) + k:].tolist())]
+        out["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+    return out
+
+
+def log_completions(log, step, tokenizer, samples, advantages=None, n_print=2):
+    """What the model writes: every sample of the step (prompt, completion, reward, advantage, finished, gold answer)
+    to completions.jsonl of the run (log: its MetricsLogger), as text to TensorBoard when enabled; prints the first
+    n_print. samples: dicts with example (prompt_ids, answer), completion (token ids), reward, finished."""
+    if not log.d.is_main:
+        return
+    adv = [None] * len(samples) if advantages is None else [float(a) for a in advantages]
+    recs = [{"step": step, "prompt": tokenizer.decode(s["example"]["prompt_ids"]),
+             "completion": tokenizer.decode(s["completion"], skip_special_tokens=True),
+             "reward": round(float(s["reward"]), 6), "advantage": None if a is None else round(a, 6),
+             "finished": bool(s.get("finished", True)), "answer": s["example"].get("answer")}
+            for s, a in zip(samples, adv)]
+    with open(log.samples_path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    if log.tb:
+        log.tb.add_text("completions", "\n\n".join(
+            f"**reward {r['reward']:.3g}, advantage {r['advantage']}**\n\n    {r['prompt']!r}\n    "
+            f"{r['completion']!r}" for r in recs[:8]), step)
+    for r in recs[:0 if log.quiet else n_print]:
+        adv_s = "" if r["advantage"] is None else f", advantage {r['advantage']:+.3f}"
+        log.print(f"[sample] step {step}, reward {r['reward']:.3g}{adv_s}: {r['prompt'][-60:]!r} -> "
+                  f"{r['completion'][:160]!r}")
 
 
 def score_str(accs):

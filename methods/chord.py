@@ -10,39 +10,30 @@ the spec knows the paper through summaries, so the lines are named (a) to (c)):
     (b) L_SFT   = - sum over expert tokens of w_t log p_t / (expert tokens in the step),  p_t = pi(y*_t | x, y*_<t)
                   w_t = 1 (CHORD-mu), sg[p_t (1 - p_t)] (CHORD-phi; gradient -(1 - p_t) grad p_t), sg[p_t] (IS)
     (c) mu_t    = linear warmup 0 -> mu_peak, then cosine decay mu_peak -> mu_valley (Trinity mu_schedule_function)
-Variants (--variant; explicit flags win):
-    phi  CHORD-phi, the default: constant mu = 0.1, token weight sg[p(1-p)]. The full method of the paper (both
-         controls) and its best results (AMC 62.5 / AIME24 18.2 / AIME25 17.2 / MMLU-Pro 56.2); the Trinity
-         example config also enables the phi function.
-    mu   CHORD-mu: mu cosine 0.9 -> 0.05 over 200 steps, no warmup, plain NLL (w = 1).
---sft-weighting none|phi|is chooses w for the ablations (is: sg[p], "IS with pi_expert = 1", collapses entropy).
+Variants (--variant): phi (default) CHORD-phi, constant mu = 0.1 with w = sg[p(1-p)], the full method and the
+paper's best results; mu: CHORD-mu, mu cosine 0.9 -> 0.05 over 200 steps, w = 1. --sft-weighting chooses w for the
+ablations (is: sg[p], "IS with pi_expert = 1", collapses entropy).
 
 Differs from grpo.py by:
-- an expert stream (--expert-dataset, default the embedded task's "sft" split, disjoint from the RL prompts as in
-  CHORD's disjoint SFT/RL sets); per rollout step ceil(r/(1-r) x on-policy samples) expert samples with
-  r = --expert-data-ratio, so that experts are a fraction r of the step (Trinity mix_sample_strategy:
-  expert = ceil(r x read_batch) of a read batch that holds both: 64 of 256 + 64), rounded up to the world size;
-- chord_loss: the PPO term over on-policy rows only (expert rows never reach it: Trinity gives them zero logprobs),
-  plus the SFT term, each a mean over its own tokens of the whole step (two normalizers, counted over every
-  micro-batch and rank), so the mix ratio does not change what mu means (Trinity reaches the same with hand-copied
-  batch sizes, a pitfall if they disagree with the real batch);
+- an expert stream (--expert-dataset, default the embedded "sft" split, disjoint from the RL prompts as CHORD's
+  sets): ceil(r/(1-r) x on-policy samples) expert rows per step, r = --expert-data-ratio, so experts are a fraction r
+  of the step (Trinity mix_sample_strategy: 64 of 256 + 64), rounded up to the world size;
+- chord_loss: the PPO term over on-policy rows only plus the SFT term, each a mean over its own tokens of the whole
+  step (two normalizers over every micro-batch and rank), so the mix ratio does not change what mu means;
 - mu_schedule, evaluated at the 0-based optimizer step (Trinity's global step);
 - defaults from Trinity examples/mix_chord/mix_chord.yaml: 32 prompts x 8 rollouts, dual clip c = 3 (Trinity's
   later ppo_policy_loss; the CHORD-era file had no dual clip: --dual-clip inf), max response 10240, lr 1e-6.
 
 Official code checked against: modelscope/Trinity-RFT trinity/algorithm/policy_loss_fn/chord_policy_loss.py,
 sample_strategy/mix_sample_strategy.py, examples/mix_chord/mix_chord.yaml; ms-swift GRPOTrainer._compute_chord_loss.
-Deviations: both token means are global over the step (Trinity: per micro-batch, rescaled by configured sizes);
-the PPO branch keeps grpo.py's --loss-agg (default token mean, CHORD's); expert demonstrations longer than
---max-prompt-length + --max-new-tokens are dropped. The embedded recipe shortens the CHORD-mu decay to 150 steps
-(a demo setting: the paper's 200 is longer than the 150-step demo run).
+Deviations: both token means are global over the step (Trinity: per micro-batch, rescaled by hand-copied batch
+sizes); the PPO branch keeps --loss-agg (default token mean, CHORD's); demonstrations longer than
+--max-prompt-length + --max-new-tokens are dropped; the embedded recipe decays CHORD-mu over its 150 steps.
 
 Run:
     python methods/chord.py                         # CHORD-phi from a weak SFT warm start of the embedded model (CPU)
     python methods/chord.py --variant mu
-    torchrun --nproc_per_node 8 methods/chord.py --model Qwen/Qwen2.5-7B-Instruct --dataset rl.jsonl \
-        --expert-dataset sft.jsonl --prompt-column problem --response-column solution --answer-column answer \
-        --reward math --generator vllm --bf16
+    torchrun --nproc_per_node 8 methods/chord.py --recipe paper   # CHORD's math setting (recipes/chord.py)
 """
 import math
 import os
@@ -159,6 +150,10 @@ VARIANTS = {  # Trinity examples/mix_chord/mix_chord.yaml comments; the paper as
     "phi": dict(mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1, mu_valley=0.1, sft_weighting="phi",
                 source="CHORD-phi: mu fixed at 0.1, phi-weighted SFT (mix_chord.yaml comments)"),
 }
+_UNIT, _STEPS = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v >= 0, ">= 0")
+RANGES = {"mu_peak": _UNIT, "mu_valley": _UNIT, "mu_warmup_steps": _STEPS, "mu_decay_steps": _STEPS,  # CHORD flags
+          "expert_data_ratio": (lambda v: 0 < v < 1, "in (0, 1): the expert fraction of each step's samples (0 is "
+                                "plain GRPO: use methods/grpo.py)")}
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
@@ -243,16 +238,10 @@ def overlong_penalty(length, max_len, buffer, penalty):
 
 
 def main():
-    args = common.parse_args(Args, presets={"preset": PRESETS, "variant": VARIANTS, "recipe": RECIPES})
+    args = common.parse_args(Args, presets={"preset": PRESETS, "variant": VARIANTS, "recipe": RECIPES}, ranges=RANGES)
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args, frozen=[args.model] if args.beta > 0 else [], extra_sequences=expert_batch_size(
             args.expert_data_ratio, args.prompts_per_step * args.num_generations))  # CHORD: expert rows per rollout step
-    # CHORD: its own flags are checked before anything is loaded
-    if not 0 < args.expert_data_ratio < 1:
-        raise common.UserError(f"--expert-data-ratio {args.expert_data_ratio} must be in (0, 1): the expert fraction "
-                               "of each step's samples (0 is plain GRPO: use methods/grpo.py)")
-    if not (0 <= args.mu_valley <= 1 and 0 <= args.mu_peak <= 1) or min(args.mu_warmup_steps, args.mu_decay_steps) < 0:
-        raise common.UserError("--mu-peak and --mu-valley must be in [0, 1], --mu-warmup-steps/--mu-decay-steps >= 0")
     if args.dataset != "embedded" and args.expert_dataset == "embedded":  # arithmetic demonstrations for a real task
         raise common.UserError(f"--dataset {args.dataset} needs --expert-dataset: a dataset of demonstrations for the "
                                "SFT term (it may be the same file, read through --prompt-column/--response-column)")
@@ -378,27 +367,21 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = chord_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                             is_expert=b["is_expert"], expert_normalizer=expert_normalizer, mu=mu,
-                                             sft_weighting=args.sft_weighting, ref_logp=b.get("ref_logp"),
-                                             entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high,
-                                             dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
-                                             beta=args.beta, kl_estimator=args.kl_estimator,
-                                             entropy_coef=args.entropy_coef, loss_agg=args.loss_agg,
-                                             max_len=args.max_new_tokens)
+                        loss, m = chord_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer, ref_logp=b.get("ref_logp"),
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
+                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
+                            is_expert=b["is_expert"], expert_normalizer=expert_normalizer, mu=mu,  # CHORD
+                            sft_weighting=args.sft_weighting)
                         loss.backward()
                     on = b["loss_mask"] * (~b["is_expert"])[:, None]  # CHORD: entropy of the on-policy tokens
                     m["entropy"] = (o["entropy"].detach() * on).sum() / on.sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
         # 7. push the new weights into the generator
         if engine:
@@ -406,25 +389,17 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(), "train/mu": mu,
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics["train/mu"] = mu  # CHORD
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:

@@ -7,24 +7,18 @@ so the SFT gradient, which carries an implicit 1/pi weight (the importance weigh
 ASFT (--kl-weight lambda > 0) anchors the policy to the frozen initial model pi_ref with a forward KL over the whole
 vocabulary at every response position (zhuchichi56/ASFT train_v2.py, mode="asft"):
     per token  l_t = -sg(p_t) log p_t + lambda KL(pi_ref(.|s_t) || pi_theta(.|s_t))
-Aggregation (--loss-agg, as sft.py): token_mean (default) divides the token sum by the tokens of the WHOLE optimizer
-step, as TRL (loss_type="dft": sum / num_items_in_batch); the paper's Eq. 9 is a sequence SUM (--loss-agg seq_sum);
-the official code (yongliang-wu/DFT verl/verl/trainer/fsdp_dft_trainer.py) divides each micro-batch by its own
-token count, then by the number of micro-batches (--loss-agg micro_token_mean, which depends on how the batch is split); ASFT's code
-divides by the tokens of its batch (token_mean). These differ by per-token weights across sequences and a constant.
+Aggregation (--loss-agg, as sft.py): token_mean (default; TRL loss_type="dft" and ASFT's code); the paper's Eq. 9 is
+a sequence SUM (seq_sum); the official DFT code averages per-micro-batch token means (micro_token_mean).
 
 Differs from sft.py by:
-- dft_loss: the per-token loss is -sg(p) log p (+ lambda KL); train/loss is that loss, train/nll the plain NLL
-  (DFT loss is ~10-20x smaller than NLL, and NLL may rise while it falls: DFT issues #11, #18, #28);
-- asft_head: with --kl-weight > 0 a frozen copy of the initial model gives reference hidden states, and the fused
+- dft_loss: per-token -sg(p) log p (+ lambda KL); train/nll stays the plain NLL (it may rise: DFT issues #11, #18);
+- asft_head: with --kl-weight > 0 a frozen copy of the initial model gives reference hidden states and the fused
   head computes the full-vocabulary KL chunk by chunk (kernels.logprob.full_vocab_kl; no (B, T, V) logits);
-- --kl-weight; the embedded default starts from the SFT warm start (embedded:warm) at lr 2e-4: DFT needs a prior,
-  as the paper fine-tunes base models (its README: weak on near-deterministic tasks); from random init it fails.
-Defaults are sft.py's: the DFT paper trains SFT and DFT with the same optimizer settings (§4.1.1; lr 5e-5).
-Checked against yongliang-wu/DFT fsdp_dft_trainer.py (loss * probs.gather(target).detach(), "original_loss" logged)
-and zhuchichi56/ASFT train_v2.py (F.kl_div(log_softmax(logits), softmax(ref_logits)).sum(-1), lambda 0.1).
-Deviations: the reference is a second full copy (ASFT uses the adapter-disabled model with LoRA); the KL is computed
-in fp32 by the fused kernel (ASFT: in the logits' dtype).
+- --kl-weight; the embedded default starts from the SFT warm start (embedded:warm) at lr 2e-4: DFT needs a prior.
+Defaults are sft.py's (the DFT paper trains SFT and DFT alike, §4.1.1; lr 5e-5). Checked against yongliang-wu/DFT
+fsdp_dft_trainer.py (loss * probs.gather(target).detach()) and zhuchichi56/ASFT train_v2.py (F.kl_div(log_softmax(
+logits), softmax(ref_logits)).sum(-1), lambda 0.1). Deviations: the reference is a second full copy (ASFT: the
+adapter-disabled LoRA model); the KL is fp32 in the fused kernel (ASFT: in the logits' dtype).
 
 Run:
     python methods/dft.py                                          # embedded tiny model (SFT warm start), CPU
@@ -108,9 +102,8 @@ class Args:
 
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # sft.py's steps and batch, from the SFT warm start at a lower lr: DFT weights each token by its p, so from
-    # random init (p ~ 1/83) it locks onto the easy tokens and drops the digits (train/nll 4.5 -> 8 at lr 3e-3,
-    # 3.1 -> 5.7 at 1e-3, accuracy 0), and at lr 1e-3 even the warm start drifts (39% -> 7% at step 50)
+    # sft.py's steps and batch from the SFT warm start: from random init (p ~ 1/83) DFT locks onto the easy tokens
+    # and drops the digits (nll 4.5 -> 8 at lr 3e-3, accuracy 0); at lr 1e-3 even the warm start drifts (39% -> 7%)
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
     "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40,
                      eval_samples=4, eval_temperature=0.7),
@@ -135,8 +128,7 @@ def dft_loss(logp, mask, normalizer, *, loss_agg="token_mean", kl=None, kl_weigh
 
 def asft_head(ref_lm, batch):
     """FusedLM head for ASFT: log pi_theta(target) and KL(pi_ref || pi_theta) over the full vocabulary, chunk by
-    chunk (no fp32 (N, V) logits of either model). The frozen reference's hidden states at the same positions are
-    computed here, without gradient."""
+    chunk (no (N, V) logits of either model), from the frozen reference's hidden states (computed here, no grad)."""
     with torch.no_grad():
         ref_h = response_hidden(ref_lm, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])  # (N, d)
     ref_emb = ref_lm.get_output_embeddings()

@@ -12,14 +12,10 @@ Variants (--preset sets the paper's combination; explicit flags win):
              rewards are all equal, refill), overlong reward shaping, no KL
 Optional: dual clip c (--dual-clip; verl's default 3.0: for A<0 the loss is capped at -c A), entropy bonus.
 
-Semantics (checked against TRL grpo_trainer.py and verl core_algos.py / dp_actor.py, see the spec):
-- Old log-probs are recomputed by the trainer when a rollout batch feeds several optimizer steps
-  (--steps-per-generation > 1) or several passes (--num-iterations > 1); otherwise old = current.detach(), so the
-  ratio is exactly 1 but its gradient is grad log pi (TRL). Reference log-probs only when beta > 0.
-- Log-probs use logits / temperature, the sampling temperature (otherwise r != 1 even on-policy).
-- The normalizer of every aggregation is counted over the whole optimizer step (all micro-batches, all ranks), so
-  gradient accumulation and DDP give the gradient of one big batch (TRL #5619 and ms-swift #10117 were bugs here).
-- A group of one gets advantage 0 (TRL); verl/Trinity give r/(1+eps).
+Semantics (checked against TRL grpo_trainer.py, verl core_algos.py / dp_actor.py): old log-probs are recomputed when
+a rollout batch feeds several optimizer steps or passes, else old = current.detach() (ratio 1, gradient grad log pi,
+as TRL); log-probs use logits / the sampling temperature; every normalizer counts the whole optimizer step (all
+micro-batches and ranks: GA and DDP give one big batch's gradient); a group of one gets A = 0 (TRL).
 
 Run:
     python methods/grpo.py                          # from a weak SFT warm start of the embedded tiny model (CPU)
@@ -272,24 +268,18 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = grpo_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                            ref_logp=b.get("ref_logp"), entropy=o["entropy"], eps_low=args.eps_low,
-                                            eps_high=args.eps_high, dual_clip=args.dual_clip,
-                                            log_ratio_clamp=args.log_ratio_clamp, beta=args.beta,
-                                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
-                                            loss_agg=args.loss_agg, max_len=args.max_new_tokens)
+                        loss, m = grpo_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer, ref_logp=b.get("ref_logp"),
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
+                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
         # 7. push the new weights into the generator
         if engine:
@@ -297,25 +287,16 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(),
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:

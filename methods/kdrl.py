@@ -10,15 +10,10 @@ m_it is the KD mask (§3.4, reward-guided KD): 1 everywhere (--kd-mask none), on
 "KDRL-masking"), or only in groups with no correct response (group). A response counts as correct when its reward
 (after any overlong shaping) is > 0.
 
-Why k2 (--kl-estimator): the tokens are sampled from the student and the gradient flows only through
-log pi_theta(a) of the sampled a (samples fixed), so the expected gradient of a per-token loss f is
-E_{a~pi}[f'(.) grad log pi(a)] = sum_a f'(.) grad pi(a). With x(a) = log pi(a) - log pi_T(a):
-    k1 = x                           -> sum_a grad pi(a) = 0: only noise
-    k2 = x^2 / 2                     -> sum_a x(a) grad pi(a) = grad KL(pi || pi_T): the unbiased reverse-KL gradient
-    k3 = exp(-x) - 1 + x             -> sum_a (1 - pi_T/pi) grad pi = -sum_a pi_T grad log pi = grad KL(pi_T || pi):
-                                        the FORWARD-KL gradient (verl's low_var_kl used as a loss)
-(the k2 line uses sum_a pi grad log pi = 0.) The paper reports k2 best (+1.4 over k3, third-party). The per-token k2
-gradient is the myopic reverse-KL gradient: it ignores how theta changes later tokens' distributions.
+Why k2 (--kl-estimator): with student samples a and x(a) = log pi(a) - log pi_T(a), a per-token loss f has expected
+gradient sum_a f'(x) grad pi(a): k1 = x gives 0 (noise only); k2 = x^2/2 gives grad KL(pi || pi_T), the (myopic)
+reverse-KL gradient; k3 = exp(-x) - 1 + x gives grad KL(pi_T || pi), the FORWARD KL (verl's low_var_kl as a loss).
+The paper reports k2 best (+1.4 over k3, third-party).
 
 Differs from grpo.py by:
 - the frozen model of the KL term is the teacher (--teacher, default embedded:teacher: a longer-trained SFT
@@ -27,23 +22,13 @@ Differs from grpo.py by:
 - kdrl_loss: estimator default k2, KD mask, coefficient beta from `kd_beta` (--beta, --beta-decay, --beta-min);
 - the presets no longer switch the KL term (it is KDRL's, not GRPO's reference KL).
 
-Teacher log-probs: the teacher scores the student's sampled tokens (the student's prompt template and ids) under
-no_grad, with logits / --temperature like the student (and like verl's reference log-probs). The student's
-log-probs are those of the sampling distribution at T (the PPO ratio needs that), so the KD term compares two
-distributions at the same T; at the default T = 1 it is the plain KL between the models. A tempered student against
-an untempered teacher would move the student's optimum to the teacher re-tempered by 1/T.
+Teacher log-probs: the teacher scores the student's sampled tokens (its template and ids) under no_grad with logits /
+--temperature like the student (and verl's reference), so the KD term compares two distributions at the same T.
 
-Evidence status: no official code was found. The values of beta_0, delta, beta_min, the k2 choice and the masking
-variants come from secondary sources (spec §5), unverified against the PDF; group size, learning rate and
-aggregation of the paper are unknown, so the GRPO part keeps grpo.py's defaults (std-normalised advantage, token
-mean over the step). Deliberate choices:
-- KD normalisation (unverified in the sources; --kd-norm): "all" (default) aggregates the masked KD term exactly like
-  the GRPO term (same mode, same global normalizer over all response tokens), as verl does when its reference model
-  is pointed at the teacher with kl_loss_type=mse; a mask then removes tokens without raising the per-token weight
-  of the rest. "kept" is a token mean over the kept tokens only (the spec's pseudocode), with its own global count.
-- beta counts rollout steps (one step = one generation batch, whatever --steps-per-generation is).
-- With --kd-mask response the additive KD term cannot flip the sign of a correct response's GRPO signal (the
-  reported motivation); no EOS masking is needed because teacher and student share special tokens.
+Evidence: no official code was found; beta_0, delta, beta_min, k2 and the masks come from secondary sources (spec
+§5); group size, lr and aggregation are unknown, so the GRPO part keeps grpo.py's defaults. Choices: --kd-norm all
+(default) aggregates the masked KD term like the GRPO term (verl with its reference pointed at the teacher and
+kl_loss_type=mse), "kept" is a token mean over the kept tokens (the spec's pseudocode); beta counts rollout steps.
 
 Run:
     python methods/kdrl.py                          # embedded:warm student, embedded:teacher teacher (CPU)
@@ -365,25 +350,19 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = kdrl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                            teacher_logp=b["teacher_logp"], kd_mask=b["kd_mask"], beta=beta,
-                                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high,
-                                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
-                                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
-                                            loss_agg=args.loss_agg, max_len=args.max_new_tokens,
-                                            kd_normalizer=kd_normalizer)
+                        loss, m = kdrl_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=beta,  # KDRL
+                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
+                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
+                            teacher_logp=b["teacher_logp"], kd_mask=b["kd_mask"], kd_normalizer=kd_normalizer)  # KDRL
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
         # 7. push the new weights into the generator
         if engine:
@@ -391,25 +370,17 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(), "train/beta": beta,  # KDRL
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics["train/beta"] = beta  # KDRL
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:

@@ -109,6 +109,10 @@ class Args:
     exact: bool = False  # closed-form expectation over the vocabulary instead of K draws (same mean gradient)
 
 
+RANGES = {"num_samples": (lambda v: v >= 1, ">= 1 (draws per position; paper 256)"),  # OTR flags
+          "kappa": (lambda v: v > 0, "> 0 (the exploration temperature; paper example 1.3)"),
+          "beta": (lambda v: v < 1, "below 1, the reward of the ground truth (here the reward of a wrong draw, "
+                                    "e.g. -0.1; not a KL coefficient)")}
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # sft.py's steps and batch, from the SFT warm start at dft.py's lr: OTR's expected gradient weights the ground
@@ -129,17 +133,6 @@ def otr_loss(logp, mask, normalizer, *, rewards, loss_agg="seq_mean_token_mean")
     loss = aggregate(per_tok, mask, loss_agg, normalizer)
     metrics = {"tokens": mask.sum()}
     return loss, metrics
-
-
-def check_args(args):
-    """The OTR flags' ranges, checked before anything is loaded."""
-    if args.num_samples < 1:
-        raise common.UserError(f"--num-samples {args.num_samples}: OTR needs at least 1 draw per position (paper 256)")
-    if args.kappa <= 0:
-        raise common.UserError(f"--kappa {args.kappa}: the exploration temperature must be > 0 (paper example 1.3)")
-    if args.beta >= 1:
-        raise common.UserError(f"--beta {args.beta}: the reward of a wrong draw must be below 1, the reward of the "
-                               "ground truth (e.g. -0.1)")
 
 
 def otr_head(num_samples, kappa, beta, exact, generator):
@@ -165,10 +158,9 @@ def otr_head(num_samples, kappa, beta, exact, generator):
 
 
 def main():
-    args = common.parse_args(Args, presets={"recipe": RECIPES}, ranges={"beta": None})  # not a KL coefficient here
+    args = common.parse_args(Args, presets={"recipe": RECIPES}, ranges=RANGES)
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args)
-    check_args(args)  # OTR
     # 1. setup: process group, output directory, tokenizer and data
     d = common.setup_distributed(args.seed, args.dist_timeout)
     out = common.prepare_output_dir(args, d)

@@ -1,65 +1,35 @@
 """Prefix-RFT: RL on hybrid trajectories, an expert prefix continued by the policy (arXiv 2507.01679).
-A diff of grpo.py (the base file of the rollout family): only the rollout group, the advantage of prefix tokens and
-the defaults change.
+A diff of grpo.py: only the rollout group, the advantage of prefix tokens and the defaults change.
 
 For each prompt q with demonstration y*, the group holds G-1 ordinary rollouts o_i ~ pi_old(.|q) and one hybrid
     o_G = y*_{<L} (+) y_c,   y_c ~ pi_old(.|q, y*_{<L}),   L = clip(int(l |y*|), min_len, |y*| - 1)
     l = low_t + (high - low_t) Beta(1, 1),   low_t = cosine from 0.95 to 0.05 over --prefix-decay-steps, high 0.95
-All G share one Dr. GRPO advantage A_i = R_i - mean_G R (no std). The loss is the dual-clip PPO loss on every token
-(prefix tokens included, with pi_old the student, not the expert), except that a prefix token keeps its advantage
-only if it is among the top 20% highest-entropy prefix tokens (entropy clipping; the others get A = 0):
+All G share one Dr. GRPO advantage A_i = R_i - mean_G R. The loss is dual-clip PPO on every token (prefix tokens
+included, pi_old the student's), but a prefix token keeps its advantage only among the top 20% highest-entropy
+prefix tokens (the others get A = 0):
     l_it = max(-A_it r_it, -A_it clip(r_it, 1-eps, 1+eps)),  and min(l_it, -c A_it) where A_it < 0  (c = 3)
     L = (1/B) sum_i sum_t l_it / L_max - 0.001 * (sum_it H_it / #tokens)  (Dr. GRPO aggregation; entropy token mean)
-(the paper's equations are known through secondary notes, spec methods_b.md §3; the official code rules otherwise).
 
 Differs from grpo.py by:
-- rollout: G-1 ordinary completions + --num-prefix hybrids per prompt. A hybrid is built in token space: the first L
-  tokens of the demonstration (data.tokenize_examples' response_ids) are appended to the templated prompt and the
-  policy continues after them (rollout.generate, n=1); the training sequence is prompt + prefix + continuation, the
-  loss mask covers prefix + continuation and `prefix_mask` marks the prefix. The response (prefix + continuation) is
-  cut to --max-new-tokens, as the official post_process_gen_batch truncates it.
-- prefix sampler `sample_prefix_len`: a pure function of (step, seed, sample key) with its own numpy RNG (a run is
-  reproducible and resumes at any step); `prefix_low` is the official CosineDecayController.
-- prefix_rft_loss: entropy-based clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss; the
-  entropy bonus is a token mean over the step whatever --loss-agg is (official dp_actor.py: agg_loss(entropy,
-  response_mask, "token-mean")), where grpo.py aggregates it with the policy term (verl).
-- --log-ratio-clamp off (None): the official compute_policy_loss takes exp(log_prob - old_log_prob) unclamped.
-- old log-probs of prefix tokens are the student's, as for every token: old = current.detach() with one optimizer
-  step per rollout batch, else recomputed by the trainer after generation (grpo.py's rule; the official
-  post_process_gen_batch moves the prefix into the response before the actor recomputes them), never the expert's.
-- defaults: Dr. GRPO advantage and aggregation (--scale-rewards none, --loss-agg seq_mean_token_sum_norm: the paper
-  per secondary notes), dual clip 3.0 (official core_algos compute_policy_loss, clip_ratio_c), entropy coefficient 0.001
-  (prefix_rft_trainer.yaml); demonstrations are loaded for the RL prompts (need_response=True; embedded: the
-  synthetic task's expert solutions of the "rl" split).
+- rollout: G-1 completions + --num-prefix hybrids per prompt, built in token space: the demonstration's first L
+  tokens (response_ids) follow the templated prompt and the policy continues (rollout.generate, n=1); the loss covers
+  prefix + continuation, cut to --max-new-tokens (official post_process_gen_batch), `prefix_mask` marks the prefix;
+- `sample_prefix_len`: a pure function of (step, seed, sample key) with its own RNG (reproducible, resumable);
+  `prefix_low` is the official CosineDecayController;
+- prefix_rft_loss: entropy clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss; the entropy
+  bonus is a token mean over the step whatever --loss-agg is (official dp_actor.py agg_loss "token-mean");
+- old log-probs of prefix tokens are the student's (grpo.py's rule), never the expert's; --log-ratio-clamp off;
+- defaults: Dr. GRPO advantage and aggregation, dual clip 3.0, entropy coefficient 0.001 (prefix_rft_trainer.yaml).
 
-Official code checked against: ZeroYuHuang/prefix_rft @ 5f5d2a1 (recipe/prefix_rft/rl_dataset.py `_get_prefix`,
-scheduler/global_step.py `BetaSampler`, `CosineDecayController`, dp_actor.py `reshape_func` "entropy",
-core_algos.py `compute_policy_loss`, config/prefix_rft_trainer.yaml). The repository ships no run configuration.
-
-Choices and deviations (each where the sources are silent or the official code does something else):
-- Entropy clipping: with n prefix tokens in scope, the int(n * 0.8) lowest-entropy ones get A = 0 (the official
-  `split_point = int(len(indices) * entropy_mask_ratio)`, --entropy-mask-ratio 0.8), so n - int(0.8 n) keep A. Scope
-  "batch" pools the prefix tokens of the micro-batch as the official code does (so with --grad-accum > 1 or several
-  ranks the selection depends on how the batch is split, as there); "sequence" selects within each hybrid. The
-  entropies are those of the current forward pass, detached; ties are broken by position (stable sort).
-- Prefix in token space: the official code decodes the prefix to text and re-encodes it inside the chat template
-  (`continue_final_message`), which can shift token boundaries; here prefix tokens are exactly the demonstration's.
-  |y*| counts the demonstration's text tokens (without the EOS that tokenize_examples appends), as the official
-  `tokenizer(text)`, so at least one demonstration token and the EOS are left to the policy.
-- --min-prefix-len (official `min_prefix_len`) and the cosine horizon are missing from the shipped configs: defaults
-  1 and --max-steps. The paper's horizon is unknown in the sources; the embedded recipe decays over its 150 steps
-  (a demo setting).
-- Dr. GRPO aggregation is the paper's form (token sum / constant max length, mean over sequences); the official
-  `dr_grpo` mode divides the sum over the micro-batch by a configured max token count (no mean over sequences), a
-  factor of the batch size absorbed by the learning rate. N = 8 (7 + 1) is inferred from the LUFFY-matched setup.
-- The advantage estimator that produced the paper's numbers is not pinned in the repository; we use Dr. GRPO over
-  the whole group (the paper's "all N trajectories estimate the advantage jointly"), not `dr_grpo_prefix`.
+Checked against ZeroYuHuang/prefix_rft @ 5f5d2a1 (the paper via secondary notes, spec methods_b.md §3).
+Choices: n prefix tokens in scope -> the int(n * 0.8) lowest-entropy get A = 0 (official `split_point`); scope "batch"
+pools the micro-batch as the official code (so it depends on the split), "sequence" each hybrid. The prefix is the
+demonstration's own tokens (official: re-encoded text). Not shipped: --min-prefix-len (1), the horizon (--max-steps).
+Dr. GRPO aggregation in the paper's form (official `dr_grpo`: / a configured token count, absorbed by the lr).
 
 Run:
     python methods/prefix_rft.py                    # from a weak SFT warm start of the embedded tiny model (CPU)
-    torchrun --nproc_per_node 8 methods/prefix_rft.py --model Qwen/Qwen2.5-Math-7B \
-        --dataset open-r1/OpenR1-Math-220k --prompt-column problem --response-column solution \
-        --answer-column answer --reward math --max-new-tokens 8192 --generator vllm --bf16
+    torchrun --nproc_per_node 8 methods/prefix_rft.py --recipe paper
 """
 import math
 import os
@@ -190,12 +160,10 @@ def prefix_rft_loss(logp, old_logp, advantages, mask, normalizer, *, prefix_mask
                     ref_logp=None, eps_low=0.2, eps_high=0.2, dual_clip=3.0, log_ratio_clamp=None, beta=0.0,
                     kl_estimator="k3", entropy_coef=0.001, loss_agg="seq_mean_token_sum_norm", max_len=None,
                     entropy_mask_ratio=0.8, entropy_scope="batch"):
-    """logp, old_logp, ref_logp, entropy, mask, prefix_mask: (B, T) per completion token; advantages: (B,).
-    prefix_mask: 1 on demonstration-prefix tokens. entropy: of the current forward pass (its gradient feeds the
-    bonus; the selection uses it detached). normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step,
-    all ranks, / world size; token_normalizer: loss tokens of the step, all ranks, / world size (the entropy bonus is
-    a token mean whatever loss_agg is: official dp_actor.py agg_loss(entropy, response_mask, "token-mean")).
-    Returns (loss, metrics)."""
+    """logp, old_logp, ref_logp, entropy, mask, prefix_mask (1 on demonstration-prefix tokens): (B, T); advantages:
+    (B,). entropy: of the current pass (its gradient feeds the bonus; the selection uses it detached). normalizer: as
+    grpo_loss; token_normalizer: loss tokens of the step, all ranks, / world size (the entropy bonus is a token mean
+    whatever loss_agg is: official agg_loss(entropy, response_mask, "token-mean")). Returns (loss, metrics)."""
     prefix = prefix_mask.bool() & mask.bool()  # (B, T)
     keep = entropy_keep_mask(entropy, prefix, entropy_mask_ratio, entropy_scope)  # (B, T) top-20% prefix tokens
     adv = advantages.float()
@@ -252,21 +220,10 @@ def regroup(a, b, n_a, n_b):
     return [x for j in range(len(a) // n_a) for x in a[j * n_a:(j + 1) * n_a] + b[j * n_b:(j + 1) * n_b]]
 
 
-def check_prefix_args(a):
-    """Prefix-RFT's flags, checked before training: a common.UserError naming the problem and the fix."""
-    if not 1 <= a.num_prefix < a.num_generations:
-        raise common.UserError(f"--num-prefix {a.num_prefix} must be between 1 and --num-generations - 1 = "
-                               f"{a.num_generations - 1}: each group needs a hybrid and at least one ordinary rollout")
-    if not all(0 <= x <= 1 for x in (a.prefix_high, a.prefix_low_start, a.prefix_low_end)):
-        raise common.UserError("--prefix-high, --prefix-low-start and --prefix-low-end are fractions of the "
-                               "demonstration: give values in [0, 1]")
-    if not 0 <= a.entropy_mask_ratio <= 1:
-        raise common.UserError(f"--entropy-mask-ratio {a.entropy_mask_ratio} must be in [0, 1] (the share of prefix "
-                               "tokens, lowest entropy first, whose advantage is zeroed: the paper's 0.8 keeps the top "
-                               "20%; 0 keeps all)")
-    if min(a.prefix_beta_a, a.prefix_beta_b) <= 0 or a.min_prefix_len < 0 or (a.prefix_decay_steps or 1) < 1:
-        raise common.UserError("--prefix-beta-a and --prefix-beta-b must be > 0, --min-prefix-len >= 0 and "
-                               "--prefix-decay-steps >= 1; change the offending flag")
+_FRACTION, _POSITIVE = (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction)"), (lambda v: v > 0, "> 0")
+RANGES = {"prefix_high": _FRACTION, "prefix_low_start": _FRACTION, "prefix_low_end": _FRACTION,  # Prefix-RFT flags
+          "entropy_mask_ratio": _FRACTION, "prefix_beta_a": _POSITIVE, "prefix_beta_b": _POSITIVE,
+          "min_prefix_len": (lambda v: v >= 0, ">= 0"), "prefix_decay_steps": (lambda v: v >= 1, ">= 1")}
 
 
 def overlong_penalty(length, max_len, buffer, penalty):
@@ -277,7 +234,10 @@ def overlong_penalty(length, max_len, buffer, penalty):
 
 
 def main():
-    args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES}, ranges=RANGES)
+    if not 1 <= args.num_prefix < args.num_generations:  # Prefix-RFT: a hybrid and an ordinary rollout per group
+        raise common.UserError(f"--num-prefix {args.num_prefix} must be between 1 and --num-generations - 1 = "
+                               f"{args.num_generations - 1}: each group needs a hybrid and at least one ordinary rollout")
     if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
         return common.dry_run(args, frozen=[args.model] if args.beta > 0 else [])  # the reference model
     # 1. setup: process group, output directory, tokenizer, prompts and reward
@@ -295,7 +255,6 @@ def main():
     evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
     n_local = rollout.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
-    check_prefix_args(args)  # Prefix-RFT
     H = args.num_prefix  # Prefix-RFT: hybrids per group
     horizon = args.prefix_decay_steps or args.max_steps
 
@@ -406,28 +365,20 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = prefix_rft_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                                  prefix_mask=b["prefix_mask"], entropy=o["entropy"],
-                                                  token_normalizer=token_normalizer, ref_logp=b.get("ref_logp"),
-                                                  eps_low=args.eps_low, eps_high=args.eps_high,
-                                                  dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
-                                                  beta=args.beta, kl_estimator=args.kl_estimator,
-                                                  entropy_coef=args.entropy_coef, loss_agg=args.loss_agg,
-                                                  max_len=args.max_new_tokens,
-                                                  entropy_mask_ratio=args.entropy_mask_ratio,
-                                                  entropy_scope=args.entropy_scope)
+                        loss, m = prefix_rft_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer, ref_logp=b.get("ref_logp"),
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
+                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
+                            prefix_mask=b["prefix_mask"], token_normalizer=token_normalizer,  # Prefix-RFT
+                            entropy_mask_ratio=args.entropy_mask_ratio, entropy_scope=args.entropy_scope)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
         # 7. push the new weights into the generator
         if engine:
@@ -435,27 +386,19 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(),
-                        "train/hybrid_reward": rewards.view(-1, G)[:, G - H:].mean(),  # Prefix-RFT
-                        "train/prefix_low": prefix_low(step - 1, args.prefix_low_start, args.prefix_low_end, horizon),
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]) + s["prefix_len"]:].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None,
+                                               skip=[s["prefix_len"] for s in samples]))  # Prefix-RFT
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics.update({"train/hybrid_reward": rewards.view(-1, G)[:, G - H:].mean(),  # Prefix-RFT
+                        "train/prefix_low": prefix_low(step - 1, args.prefix_low_start, args.prefix_low_end, horizon)})
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:

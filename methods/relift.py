@@ -1,51 +1,34 @@
 """ReLIFT: "Learning What Reinforcement Learning Can't: Interleaved Online Fine-Tuning for Hardest Questions"
-(arXiv 2506.07527, ICLR 2026).
-A diff of grpo.py: GRPO as released, plus a buffer of the hardest questions (every rollout failed) and their
-demonstrations; whenever it holds M of them, one fine-tuning step on the newest M, then back to RL.
+(arXiv 2506.07527, ICLR 2026). A diff of grpo.py: GRPO as released, plus a buffer of the hardest questions (every
+rollout failed) with their demonstrations; whenever it holds M, one fine-tuning step on the newest M.
 
-Objective (TheRoadQaQ/ReLIFT relift/verl/verl/relift/{trainer.py, actor.py, core_algos.py}; the paper's equation
-numbers are not checked here, the spec knows the paper through summaries):
+Objective (TheRoadQaQ/ReLIFT relift/verl/verl/relift/{trainer.py, actor.py, core_algos.py}; the paper via summaries):
     RL step, as released:   L_RL = sum_{i,t} -A_i r_it / (T_max x sequences) - c_H mean_t H_t
                             r_it = pi_theta / pi_old (no clip: loss_remove_clip=True), A_i = R_i - mean_G R (no std)
     hardest questions:      B <- [(q, y*_q) for q with sum_{i<=G} R_i(q) = 0] + B        (newest first)
     fine-tuning, |B| >= M:  L_FT = -(1/|S|) sum_{s in S} log pi_theta(s) - alpha (1/|S|) sum_{s in S} H(pi_theta(.|s<))
-                            on the tokens S of the newest M demonstrations (+ EOS); the rest of B is kept
-                            one step of a SEPARATE AdamW (own moments, grad clip 1.0), then back to RL
+                            on the newest M demonstrations' tokens S (+ EOS), one step of a SEPARATE AdamW
 
 Differs from grpo.py by:
-- RL defaults of the ReLIFT scripts (examples/math-7b/train.sh, config/relift_trainer.yaml), each a flag:
-    --scale-rewards none (grpo_use_std=False; the paper writes std-normalised A),
-    --no-clip (loss_remove_clip=True; the paper and the RL baseline train_rl.sh clip: --clip),
-    --loss-agg seq_mean_token_sum_norm with T_max = --max-new-tokens 8192 (loss_remove_token_mean=True: token sum / max length),
-    --entropy-coef 0.001 as a token mean (verl), --max-grad-norm 0.7 (train_rl.sh: 1.0), 128 prompts x 8, two
-    optimizer steps per rollout batch (ppo_mini_batch_size 64), lr 1e-6 constant;
-    --preset relift_paper gives the paper's clipped, std-normalised form;
+- RL defaults of the ReLIFT scripts (examples/math-7b/train.sh, relift_trainer.yaml), each a flag: --scale-rewards
+  none (paper: std), --no-clip (paper and train_rl.sh clip: --clip), --loss-agg seq_mean_token_sum_norm with T_max
+  = --max-new-tokens 8192, --entropy-coef 0.001 (token mean), --max-grad-norm 0.7, 128 prompts x 8, two optimizer
+  steps per rollout batch, lr 1e-6 constant; --preset relift_paper gives the paper's clipped, std-normalised form;
 - relift_rl_loss (grpo_loss without clip + a token-mean entropy bonus), relift_sft_loss, HardestBuffer;
-- step 6b: the buffer and the fine-tuning step (after the RL update of the same iteration, as trainer.py fit).
-  Under DDP every rank holds the same buffer: the hardest prompts' dataset indices are gathered with one all-reduce
-  in global batch order, so all ranks fire the fine-tuning step together, each on its share of the M examples.
-  The buffer is saved in checkpoints (state.json) and restored by --resume; both optimizers are checkpointed.
+- step 6b: the buffer and the fine-tuning step, after the RL update (trainer.py fit). Every rank holds the same
+  buffer (indices gathered by one all-reduce), so all fire together, each on its share of the M examples; the buffer
+  and both optimizers are checkpointed and restored by --resume.
 
-Official code checked against: TheRoadQaQ/ReLIFT @ eb95454 (trainer.py fit, actor.py sft_update_policy,
-core_algos.py compute_policy_loss / compute_sft_loss, fsdp_worker.py actor_sft_optimizer, examples/*/train.sh).
-Deviations: the PG sum is divided by T_max x sequences of the step (Dr. GRPO / oat); verl divides each micro-batch's
-sum by T_max and averages micro-batches, i.e. the loss is larger by the micro-batch size in sequences, which only
-matters through the 0.7 grad clip; the fine-tuning loss is a token mean over the whole step and all ranks (the
-code's per-rank gradient accumulation makes it 1/dp of a mean under DDP, a pitfall in the spec); "all failed" is
-max reward <= 0 (code: == 0; the same for 0/1 rewards, and it keeps DAPO-penalised failures); the fine-tuning step
-does not step the RL lr scheduler (the code does; constant lr makes no difference). alpha defaults to the code's
-1e-3 (the paper's sweep prefers 1e-4). The embedded recipe uses M = 16 (code: 128) so that the buffer fills and
-fires every step or two in the demo run, and one optimizer step per rollout batch (its 32 prompts are already
-fewer than one of ReLIFT's 64-prompt mini-batches; splitting them in two lost accuracy: 0.39 -> 0.37 vs 0.43).
+Checked against TheRoadQaQ/ReLIFT @ eb95454 (trainer.py, actor.py, core_algos.py, train.sh). Deviations: the PG sum
+/ (T_max x sequences of the step) (verl: / T_max per micro-batch, averaged: larger by the micro-batch size, which
+matters only through the grad clip); the fine-tuning loss is a token mean over the step and all ranks (the code's is
+1/dp of that under DDP); "all failed" is max reward <= 0 (code: == 0). alpha: the code's 1e-3 (paper: 1e-4 best).
 
 Run:
     python methods/relift.py                        # from a weak SFT warm start of the embedded tiny model (CPU)
     python methods/relift.py --preset relift_paper  # clipped, std-normalised GRPO as the paper writes it
-    torchrun --nproc_per_node 8 methods/relift.py --model Qwen/Qwen2.5-Math-7B --dataset openr1_46k.jsonl \
-        --prompt-column problem --response-column solution --answer-column answer --reward math --generator vllm --bf16
-    (openr1_46k.jsonl: one row per problem with an R1 demonstration, as the paper's Openr1-Math-46k-8192)
+    torchrun --nproc_per_node 8 methods/relift.py --recipe paper
 """
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -162,8 +145,7 @@ RECIPES = {
     # fell to 0.31)
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
-                     sft_buffer_size=16,  # ReLIFT demo: M = 16 (code 128) fills about every 1-2 steps of 32 prompts
-                     steps_per_generation=1),  # the demo's 32-prompt batch is already smaller than a 64-prompt mini
+                     sft_buffer_size=16, steps_per_generation=1),  # ReLIFT demo: M = 16 fills every 1-2 steps
 }
 
 
@@ -188,13 +170,11 @@ def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, en
 def relift_rl_loss(logp, old_logp, advantages, mask, normalizer, *, entropy, token_normalizer, clip=False,
                    eps_low=0.2, eps_high=0.2, dual_clip=None, log_ratio_clamp=None, ref_logp=None, beta=0.0,
                    kl_estimator="k3", entropy_coef=1e-3, loss_agg="seq_mean_token_sum_norm", max_len=None):
-    """The RL step as released. logp, old_logp, entropy, mask: (B, T); advantages: (B,). normalizer: grpo_loss's
-    count for loss_agg (sequences for seq_mean_token_sum_norm) over the optimizer step, all ranks, / world size;
-    token_normalizer:
-    tokens of the step, all ranks, / world size (the entropy bonus is a token mean, verl's masked_mean).
+    """The RL step as released. logp, old_logp, entropy, mask: (B, T); advantages: (B,). normalizer: as grpo_loss;
+    token_normalizer: tokens of the step, all ranks, / world size (the entropy bonus is a token mean, verl's).
     clip=False: per-token loss -A r (core_algos.compute_policy_loss, loss_remove_clip=True). Returns (loss, metrics)."""
     if not clip:  # an infinite clip range leaves the ratio as it is
-        eps_low, eps_high, dual_clip = math.inf, math.inf, None
+        eps_low, eps_high, dual_clip = float("inf"), float("inf"), None
     pg, metrics = grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=ref_logp, eps_low=eps_low,
                             eps_high=eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, beta=beta,
                             kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=max_len)
@@ -203,18 +183,16 @@ def relift_rl_loss(logp, old_logp, advantages, mask, normalizer, *, entropy, tok
 
 
 def relift_sft_loss(logp, mask, normalizer, *, entropy, entropy_coef=1e-3):
-    """The fine-tuning step (actor.py sft_update_policy + compute_sft_loss): NLL minus alpha x entropy, both token
-    means over the demonstration tokens. logp, entropy, mask: (B, T); entropy carries its gradient (FusedLM
-    with_entropy). normalizer: demonstration tokens of the step, all ranks, / world size. Returns (loss, metrics)."""
+    """The fine-tuning step (actor.py compute_sft_loss): NLL - alpha x entropy, token means over the demonstration
+    tokens S of the step (normalizer: |S| over all ranks / world size). logp, entropy (with its gradient), mask: (B, T)."""
     nll = aggregate(-logp, mask, "token_mean", normalizer)  # (1/|S|) sum -log pi_theta(s)
     ent = aggregate(entropy, mask, "token_mean", normalizer)  # (1/|S|) sum H(pi_theta(. | s<))
     return nll - entropy_coef * ent, {"sft_nll": nll.detach(), "sft_entropy": ent.detach()}
 
 
 class HardestBuffer:
-    """ReLIFT's buffer of hardest questions (trainer.py fit): new entries go in front (newest first); `take` returns
-    the newest `size` entries once the buffer holds `size` of them and keeps the rest, else None. size <= 0: never
-    fires (sft_data_size=-1, the plain-RL baseline). Entries are dataset indices, json-able for checkpoints."""
+    """ReLIFT's buffer of hardest questions (trainer.py fit), newest first: `take` returns the newest `size` entries
+    once it holds `size` and keeps the rest, else None; size <= 0 never fires (sft_data_size=-1: plain RL)."""
 
     def __init__(self, size, entries=()):
         self.size, self.entries = size, list(entries)
@@ -361,28 +339,21 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = relift_rl_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                                 entropy=o["entropy"], token_normalizer=token_normalizer,
-                                                 clip=args.clip, eps_low=args.eps_low, eps_high=args.eps_high,
-                                                 dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp,
-                                                 ref_logp=b.get("ref_logp"), beta=args.beta,
-                                                 kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
-                                                 loss_agg=args.loss_agg, max_len=args.max_new_tokens)
+                        loss, m = relift_rl_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer, ref_logp=b.get("ref_logp"),
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
+                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
+                            clip=args.clip, token_normalizer=token_normalizer)  # ReLIFT
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
-        # 6b. ReLIFT: prompts whose G rollouts all failed join the buffer with their demonstration; once it holds M,
-        #     one fine-tuning step on the newest M with the separate optimizer (after the RL update, as trainer.py)
+        # 6b. ReLIFT: all-failed prompts join the buffer; once it holds M, one fine-tuning step on the newest M
         failed = [max(s["reward"] for s in g) <= 0 for g in groups]
         hard = torch.zeros(d.world_size, len(groups), dtype=torch.long, device=d.device)  # dataset index + 1
         for j, g in enumerate(groups):
@@ -395,9 +366,8 @@ def main():
             mine = sft_batch[d.rank::d.world_size]  # this rank's share of the newest M
             demos = [(train[i]["prompt_ids"], demonstration(tokenizer, train[i]["response"], args.max_new_tokens))
                      for i in mine]
-            k_mb = args.sft_micro_batch_size
-            sft_mbs = [data.collate(demos[i:i + k_mb], tokenizer.pad_token_id, d.device)
-                       for i in range(0, len(demos), k_mb)]
+            sft_mbs = [data.collate(demos[i:i + args.sft_micro_batch_size], tokenizer.pad_token_id, d.device)
+                       for i in range(0, len(demos), args.sft_micro_batch_size)]
             sft_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in sft_mbs)) / d.world_size
             for micro, b in enumerate(sft_mbs):
                 with common.no_sync(model, micro == len(sft_mbs) - 1), autocast:
@@ -407,13 +377,9 @@ def main():
                     sft_loss.backward()
                 for key, v in {"sft_loss": sft_loss.detach(), **sm}.items():
                     sft_metrics[f"train/{key}"] = sft_metrics.get(f"train/{key}", 0.0) + v
-            sft_grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.sft_max_grad_norm)
-            sft_metrics["train/sft_grad_norm"] = sft_grad_norm
-            if not common.nonfinite(step, {"sft_loss": float(sft_metrics["train/sft_loss"]),
-                                           "sft_grad_norm": float(sft_grad_norm)}, args.skip_nonfinite):
-                sft_optimizer.step()
-                n_sft += 1
-            sft_optimizer.zero_grad(set_to_none=True)
+            norm, stepped = common.optimizer_step(model, sft_optimizer, None, step, sft_metrics["train/sft_loss"],
+                                                  args.sft_max_grad_norm, args.skip_nonfinite)
+            sft_metrics["train/sft_grad_norm"], n_sft = norm, n_sft + stepped
 
         # 7. push the new weights into the generator
         if engine:
@@ -421,27 +387,18 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
         metrics.update({"train/buffer_size": len(buffer.entries), "train/sft_steps": n_sft,
                         "train/frac_hardest": sum(failed) / len(groups), **sft_metrics})  # ReLIFT
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(),
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:

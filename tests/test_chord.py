@@ -235,10 +235,10 @@ def _small_eval(tmp_path, n=16):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--expert-data-ratio", "0"], "--expert-data-ratio 0.0 must be in (0, 1)"),
-    (["--expert-data-ratio", "1"], "--expert-data-ratio 1.0 must be in (0, 1)"),
-    (["--mu-peak", "1.5"], "--mu-peak and --mu-valley must be in [0, 1]"),
-    (["--mu-decay-steps", "-1"], "--mu-warmup-steps/--mu-decay-steps >= 0"),
+    (["--expert-data-ratio", "0"], "--expert-data-ratio 0.0: must be in (0, 1)"),
+    (["--expert-data-ratio", "1"], "--expert-data-ratio 1.0: must be in (0, 1)"),
+    (["--mu-peak", "1.5"], "--mu-peak 1.5: must be in [0, 1]"),
+    (["--mu-decay-steps", "-1"], "--mu-decay-steps -1: must be >= 0"),
     (["--dataset", "{rl}"], "needs --expert-dataset"),
 ])
 def test_bad_inputs(tmp_path, flags, message):

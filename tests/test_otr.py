@@ -200,13 +200,13 @@ def test_sampled_head_in_fused_lm_is_aligned_with_tokens():
     torch.testing.assert_close(o["hit"], hit.float().mean(-1))
 
 
-@pytest.mark.parametrize("flag,value,msg", [("num_samples", 0, "at least 1 draw"),
-                                            ("kappa", 0.0, "temperature must be > 0"),
-                                            ("beta", 1.0, "must be below 1")])
-def test_bad_flags_are_user_errors(flag, value, msg):
+@pytest.mark.parametrize("argv,msg", [(["--num-samples", "0"], "--num-samples 0: must be >= 1"),
+                                     (["--kappa", "0"], "--kappa 0.0: must be > 0"),
+                                     (["--beta", "1"], "--beta 1.0: must be below 1")])
+def test_bad_flags_are_user_errors(argv, msg):
     with pytest.raises(common.UserError, match=msg):
-        otr.check_args(otr.Args(**{flag: value}))
-    otr.check_args(otr.Args())  # the defaults pass
+        common.parse_args(otr.Args, argv, {"recipe": otr.RECIPES}, otr.RANGES)
+    common.parse_args(otr.Args, [], {"recipe": otr.RECIPES}, otr.RANGES)  # the defaults pass
 
 
 def test_main_checks_flags_before_setup(monkeypatch, tmp_path):

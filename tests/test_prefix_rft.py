@@ -4,6 +4,7 @@ schedule and bounds, GA x DDP against one full batch (sequence scope), bad flags
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -207,20 +208,22 @@ def test_regroup_keeps_groups_contiguous():
     assert prx.regroup(["a0", "a1", "b0", "b1"], ["A", "B"], 2, 1) == ["a0", "a1", "A", "b0", "b1", "B"]
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (dict(num_prefix=8), "--num-prefix 8 must be between 1 and --num-generations - 1 = 7"),
-    (dict(num_prefix=0), "--num-prefix 0 must be between 1"),
-    (dict(prefix_high=1.2), "give values in [0, 1]"),
-    (dict(entropy_mask_ratio=1.5), "--entropy-mask-ratio 1.5 must be in [0, 1]"),
-    (dict(prefix_beta_a=0.0), "--prefix-beta-a and --prefix-beta-b must be > 0"),
-    (dict(min_prefix_len=-1), "--min-prefix-len >= 0"),
-    (dict(prefix_decay_steps=-5), "--prefix-decay-steps >= 1"),
+@pytest.mark.parametrize("argv,needle", [
+    (["--num-prefix", "8"], "--num-prefix 8 must be between 1 and --num-generations - 1 = 7"),
+    (["--num-prefix", "0"], "--num-prefix 0 must be between 1"),
+    (["--prefix-high", "1.2"], "--prefix-high 1.2: must be in [0, 1]"),
+    (["--entropy-mask-ratio", "1.5"], "--entropy-mask-ratio 1.5: must be in [0, 1]"),
+    (["--prefix-beta-a", "0"], "--prefix-beta-a 0.0: must be > 0"),
+    (["--min-prefix-len", "-1"], "--min-prefix-len -1: must be >= 0"),
+    (["--prefix-decay-steps", "-5"], "--prefix-decay-steps -5: must be >= 1"),
 ])
-def test_bad_flags_raise_user_error(flags, needle):
+def test_bad_flags_raise_user_error(argv, needle, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prefix_rft.py", *argv, "--dry-run"])  # refused before the dry run prints
     with pytest.raises(common.UserError) as e:
-        prx.check_prefix_args(prx.Args(**flags))
+        prx.main()
     assert needle in str(e.value)
-    prx.check_prefix_args(prx.Args())  # the defaults pass
+    args = common.parse_args(prx.Args, [], {"preset": prx.PRESETS, "recipe": prx.RECIPES}, prx.RANGES)
+    assert 1 <= args.num_prefix < args.num_generations  # the defaults pass
 
 
 def test_bad_flag_stops_the_script_before_training(tmp_path):

@@ -371,16 +371,15 @@ def test_numeric_flags_range_checked_at_parse_time(method, flags, line):
 
 
 def test_a_method_can_drop_a_range_whose_name_means_something_else():
-    """otr.py's --beta is the reward of a wrong draw (default -0.1), not RANGES' KL coefficient: it passes
-    ranges={"beta": None} and checks it itself."""
+    """otr.py's --beta is the reward of a wrong draw (default -0.1), not RANGES' KL coefficient: its own RANGES
+    entry replaces the shared one."""
     from tests_util import load_method
     otr = load_method("otr")
-    assert common.parse_args(otr.Args, [], presets={"recipe": otr.RECIPES}, ranges={"beta": None}).beta == -0.1
+    assert common.parse_args(otr.Args, [], presets={"recipe": otr.RECIPES}, ranges=otr.RANGES).beta == -0.1
     with pytest.raises(common.UserError, match="--beta -0.1: must be >= 0"):
         common.parse_args(otr.Args, [], presets={"recipe": otr.RECIPES})
     with pytest.raises(common.UserError, match="must be below 1"):
-        otr.check_args(common.parse_args(otr.Args, ["--beta", "1"], presets={"recipe": otr.RECIPES},
-                                         ranges={"beta": None}))
+        common.parse_args(otr.Args, ["--beta", "1"], presets={"recipe": otr.RECIPES}, ranges=otr.RANGES)
 
 
 def test_max_steps_negative_writes_nothing_and_output_dir_a_file(tmp_path):
