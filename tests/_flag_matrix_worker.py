@@ -1,6 +1,6 @@
 """The flag matrix of one method file: every documented choice runs two optimizer steps or is refused with one line.
 
-Usage: _flag_matrix_worker.py METHOD OUT.json [CASE_ID ...]
+Usage: _flag_matrix_worker.py METHOD OUT.json [--shard K/N] [CASE_ID ...]  (--shard: every N-th case from the K-th)
 The cases are derived from the file itself (see `cases`): every choice of every Literal flag, every entry of the
 preset/variant/recipe tables, every boolean switch flipped, and "none" for every Optional flag that is on by
 default. Each case runs the method's main() in this process on the embedded default with tiny sizes. Results:
@@ -106,14 +106,18 @@ def run_case(mod, flags, out_dir):
 
 
 def main():
-    method, out = sys.argv[1], sys.argv[2]
-    only = set(sys.argv[3:])
+    method, out, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    shard, n_shards = 0, 1
+    if rest[:1] == ["--shard"]:
+        shard, n_shards = map(int, rest[1].split("/"))
+        rest = rest[2:]
+    only = set(rest)
     mod = load_method(method)
     mod.__name__ = method
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (cid, flags) in enumerate(cases(mod)):
-            if only and cid not in only:
+            if (only and cid not in only) or i % n_shards != shard:
                 continue
             status, detail = run_case(mod, flags, Path(tmp) / f"c{i}")
             results[cid] = {"status": status, "flags": flags, "detail": detail}

@@ -3,6 +3,7 @@ recipe, and every boolean switch runs two optimizer steps on the embedded defaul
 with one `error: ...` line, never a traceback. The cases come from the Args dataclasses and the tables
 (tests/_flag_matrix_worker.py `cases`), so a new flag is covered without editing this test."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,16 +12,20 @@ from conftest import REPO
 
 # refusals that are right on this machine: the choice needs something a CPU test machine does not have
 EXPECTED_REFUSALS = {"generator=vllm": "needs vLLM"}
+SHARDS = 2
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "dft", "otr", "grpo", "chord", "prefix_rft", "relift", "kdrl"])
 def test_every_documented_choice_trains_or_is_refused_in_one_line(tmp_path, method):
-    out = tmp_path / "matrix.json"
-    p = subprocess.run([sys.executable, str(REPO / "tests" / "_flag_matrix_worker.py"), method, str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=1800)
-    assert p.returncode == 0 and out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
-    results = json.loads(out.read_text())
+    # two shards in parallel, one thread each (the cases are tiny: two processes finish in about half the time)
+    outs = [tmp_path / f"matrix{k}.json" for k in range(SHARDS)]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_flag_matrix_worker.py"), method, str(out),
+                               "--shard", f"{k}/{SHARDS}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for k, out in enumerate(outs)]
+    logs = [p.communicate(timeout=1800)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and all(o.exists() for o in outs), "\n".join(x[-3000:] for x in logs)
+    results = {k: v for out in outs for k, v in json.loads(out.read_text()).items()}
     crashed = {k: v["detail"] for k, v in results.items() if v["status"] == "crashed"}
     assert not crashed, "\n\n".join(f"{k} ({' '.join(results[k]['flags'])}):\n{d}" for k, d in crashed.items())
     refused = {k: v["detail"] for k, v in results.items() if v["status"] == "refused"}

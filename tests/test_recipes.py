@@ -308,3 +308,20 @@ def test_evaluate_py_on_the_embedded_task(tmp_path, tiny_dir):
     ex = data.tokenize_examples(tok, data.embedded_task("eval")[:24], 512, None, False)
     assert score == rollout.evaluate(model, tok, ex, rollout.exact_reward, common.Dist(), 40, 64)
     assert 0 < score < 1 and f"[eval] embedded: {100 * score:.1f} on 24 problems (avg@1" in p.stdout
+
+
+def test_recipes_are_data_read_only_when_a_run_names_one():
+    """Method files never import recipes/; parsing a plain run (the embedded recipe in the method file) reads nothing
+    from recipes/, --recipe paper reads recipes/<method>.py, and the paper values are not in the method file."""
+    for f in sorted((REPO / "methods").glob("*.py")):
+        imports = [ln for ln in f.read_text().splitlines() if ln.startswith(("import ", "from "))]
+        assert not [ln for ln in imports if "recipes" in ln], f.name
+        assert '"paper"' not in f.read_text(), f.name
+    probe = ("import sys, importlib.util; sys.path.insert(0, '.'); import common\n"
+             "spec = importlib.util.spec_from_file_location('m', 'methods/grpo.py'); m = importlib.util.module_from_spec"
+             "(spec); sys.modules['m'] = m; spec.loader.exec_module(m)\n"
+             "a = common.parse_args(m.Args, sys.argv[1:], {'preset': m.PRESETS, 'recipe': m.RECIPES})\n"
+             "print(a.recipe, a.lr, any(k == 'recipes' or k.startswith('recipes.') for k in sys.modules))")
+    for flags, want in (([], "embedded 5e-05 False"), (["--recipe", "paper"], "paper 1e-06 True")):
+        p = subprocess.run([sys.executable, "-c", probe, *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.stdout.split() == want.split(), p.stdout + p.stderr[-2000:]

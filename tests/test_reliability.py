@@ -588,3 +588,25 @@ def test_sampling_from_diverged_weights_is_one_line(tiny_dir):
                                                r"\(its weights have diverged\); the last complete checkpoint is "
                                                "intact"):
         rollout.generate(model, tok, [data.encode_prompt(tok, "1+1=")], n=2, max_new_tokens=4, temperature=1.0)
+
+
+@pytest.mark.parametrize("method,flags,enabler,line", [
+    ("grpo", ["--kl-estimator", "k2"], ["--beta", "0.04"],
+     "--kl-estimator acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
+    ("chord", ["--kl-estimator", "k1"], ["--beta", "0.01"],
+     "--kl-estimator acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
+    ("relift", ["--eps-high", "0.28"], ["--clip"],
+     "--eps-high acts only with --clip (relift.py: ReLIFT's released loss has no clip); give that too"),
+    ("relift", ["--dual-clip", "3"], ["--clip"],
+     "--dual-clip acts only with --clip (relift.py: ReLIFT's released loss has no clip); give that too"),
+])
+def test_a_flag_that_would_change_nothing_is_refused(method, flags, enabler, line):
+    """common.ACTS_ONLY_WITH: one shared table instead of a check in every method file."""
+    from tests_util import load_method
+    mod = load_method(method)
+    with pytest.raises(common.UserError) as e:
+        common.parse_args(mod.Args, flags, presets={"recipe": mod.RECIPES})
+    assert str(e.value) == "error: " + line
+    args = common.parse_args(mod.Args, flags + enabler, presets={"recipe": mod.RECIPES})  # with it: accepted
+    assert args.beta > 0 or args.clip
+    common.parse_args(mod.Args, [], presets={"recipe": mod.RECIPES})  # the defaults never trip it
