@@ -177,7 +177,7 @@ def hint_steps(text, split=OFFICIAL_SPLIT, end=None):
     m = re.search(end, text) if end else None
     text = text[:m.start()] if m else text
     cuts = sorted({m.end() for m in re.finditer(split, text)} - {0, len(text)})
-    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])] if text else []
 
 
 def sample_hint(n_steps, t, key, schedule="cosine", low=0.05, high=0.95, horizon=300, max_chunks=5):
