@@ -71,7 +71,8 @@ def default_position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | 
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None, rows_per_group=32, max_groups=4):
+def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None, rows_per_group=32, max_groups=4,
+                    context_mask=None):
     """Last hidden states (B, L, d) of the transformer body (final norm included).
 
     With `loss_mask`, only what the scored tokens need is computed (issue 11; positions not computed are 0):
@@ -92,6 +93,9 @@ def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None,
       mask a real token never sees a later pad, so SDPA takes its causal path without building a mask.
     The results equal one plain pass up to float rounding.  One or two host syncs (the mask and the prompt tokens).
     Under FSDP2 or gradient checkpointing, and with dropout while training, it is one pass (packed when possible).
+    `context_mask` (B, L): more scored tokens that may lie inside a row's shared context (UFT's hint, the same in
+    all G completions of a prompt): they extend the rows like loss_mask tokens but do not end the shared context,
+    whose hidden states (with their gradient) serve them.
     """
     decoder = lm.get_decoder()
     cache_arg = "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
@@ -111,8 +115,11 @@ def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None,
     scored = loss_mask.detach().bool().clone()
     scored[:, 0] = False
     ar = torch.arange(L, device=dev)
-    last = (scored * ar).amax(1)  # (B,) positions [0, last) are inputs to a scored position
     first = torch.where(scored, ar, L).amin(1)  # (B,) positions [0, first) are context only
+    if context_mask is not None:  # scored too, but inside the context
+        scored |= context_mask.detach().bool()
+        scored[:, 0] = False
+    last = (scored * ar).amax(1)  # (B,) positions [0, last) are inputs to a scored position
     left = bool((am[:, 1:] > am[:, :-1]).any()) if L > 1 else False
     need = last.clamp(min=1).tolist()
     first = [min(f, n) for f, n in zip(first.tolist(), need)]
@@ -426,6 +433,16 @@ def _scatter_rows(values: torch.Tensor, pos: torch.Tensor, B: int, L: int) -> to
     return full.index_put((pos // L, pos % L), values)
 
 
+def _split_prompt_side(out: dict, loss_mask: torch.Tensor, prompt_mask: torch.Tensor | None) -> dict:
+    """A pass that scored loss_mask | prompt_mask -> "logp" and "entropy" on loss_mask tokens, "prompt_logp" on
+    prompt_mask tokens (FusedLM's prompt_mask); unchanged without a prompt_mask."""
+    if prompt_mask is None:
+        return out
+    resp, side = loss_mask.bool(), prompt_mask.bool()
+    return {"logp": torch.where(resp, out["logp"], 0.0), "prompt_logp": torch.where(side, out["logp"], 0.0),
+            "entropy": None if out["entropy"] is None else torch.where(resp, out["entropy"], 0.0)}
+
+
 HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], dict]
 
 
@@ -448,6 +465,11 @@ class FusedLM(torch.nn.Module):
       anything else is returned as is.  `temperature` / `with_entropy` only affect the
       default head.
     * position_ids default to `default_position_ids(attention_mask)`.
+    * prompt_mask (B, L), optional: prompt-side tokens to score as well (UFT's hint, a revealed prefix of the
+      demonstration inside the prompt). The same fused pass (one head call, no (B, L, V) logits) scores
+      loss_mask | prompt_mask; the result gains "prompt_logp" (B, L): the log-probs, at the same temperature and
+      with their gradient, where prompt_mask == 1 (i >= 1), 0 elsewhere. "logp" and "entropy" keep their meaning
+      (loss_mask tokens only). Default head only.
 
     Wrap this module (not `lm`) in DDP / FSDP2 so the head runs inside the wrapped
     forward.  If the config applies soft-capping or a logit scale after lm_head, the
@@ -497,13 +519,18 @@ class FusedLM(torch.nn.Module):
         with_entropy: bool = False,
         head: HeadFn | None = None,
         position_ids: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> dict:
         if input_ids.shape != loss_mask.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} differ")
+        if prompt_mask is not None and (head is not None or prompt_mask.shape != loss_mask.shape):
+            raise ValueError(f"prompt_mask must be (B, L) = {tuple(loss_mask.shape)} and works with the default head "
+                             f"only, got shape {tuple(prompt_mask.shape)}" + (" and head=" if head else ""))
         B, L = input_ids.shape
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        pos = target_positions(loss_mask)  # (N,) flat token indices
+        score = loss_mask if prompt_mask is None else loss_mask.bool() | prompt_mask.bool()  # one pass for both
+        pos = target_positions(score)  # (N,) flat token indices
         targets = input_ids.reshape(-1).index_select(0, pos)  # (N,)
 
         if self.unfused_reason is not None:
@@ -511,10 +538,11 @@ class FusedLM(torch.nn.Module):
                 raise NotImplementedError(
                     f"head= needs the fused path, which is off for this model ({self.unfused_reason})"
                 )
-            return self._unfused_forward(input_ids, attention_mask, position_ids, pos, targets, temperature,
-                                         with_entropy)
+            return _split_prompt_side(self._unfused_forward(input_ids, attention_mask, position_ids, pos, targets,
+                                                            temperature, with_entropy), loss_mask, prompt_mask)
 
-        hidden = _decoder_hidden(self.lm, input_ids, attention_mask, position_ids, loss_mask)  # (B, L, d)
+        hidden = _decoder_hidden(self.lm, input_ids, attention_mask, position_ids, loss_mask,
+                                 context_mask=prompt_mask)  # (B, L, d)
         h = hidden.reshape(B * L, -1).index_select(0, pos - 1)  # (N, d): row i-1 predicts token i
         out_emb = self.lm.get_output_embeddings()
         weight, bias = out_emb.weight, getattr(out_emb, "bias", None)
@@ -525,10 +553,10 @@ class FusedLM(torch.nn.Module):
         else:
             result = head(h, weight, bias, targets)
         n = pos.shape[0]
-        return {
+        return _split_prompt_side({
             k: _scatter_rows(v, pos, B, L) if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v
             for k, v in result.items()
-        }
+        }, loss_mask, prompt_mask)
 
     def _unfused_forward(self, input_ids, attention_mask, position_ids, pos, targets, temperature, with_entropy):
         """Full logits from `lm(...)`, then fp32 log-softmax chunk by chunk of rows."""

@@ -15,6 +15,7 @@ import data
 _Q7, _Q15, _L3 = (3584, 28, 18944, 28, 4, 152064, False), (1536, 28, 8960, 12, 2, 151936), (3072, 28, 8192, 24, 8)
 MODELS = {
     "Qwen/Qwen2.5-Math-1.5B": (*_Q15, True, 4096, True),
+    "Qwen/Qwen2.5-1.5B": (*_Q15, True, 131072, True),  # assumed: as Qwen2.5-Math-1.5B with 128k positions (UFT)
     "Qwen/Qwen2.5-Math-7B": (*_Q7, 4096, True),
     "Qwen/Qwen2.5-7B-Instruct": (*_Q7, 32768, True),
     "Qwen/Qwen2.5-32B": (5120, 64, 27648, 40, 8, 152064, False, 131072, True),

@@ -44,12 +44,35 @@ def adapter(method):
     return importlib.import_module(f"test_{method}").DDP_ADAPTER
 
 
+def forward_kwargs(method, b):
+    """More FusedLM arguments of a case: uft also scores a prompt-side mask (its hint: the last two prompt tokens of
+    the rows whose aux > 0 at position 1), returned as "prompt_logp"; its loss reads the mask as b["hint_mask"] and
+    the step's hint tokens (all micro-batches and ranks) / world size as b["hint_normalizer"]."""
+    if method != "uft":
+        return {}
+    ends = b["loss_mask"].float().argmax(1, keepdim=True)  # first response position = prompt length
+    ar = torch.arange(b["loss_mask"].shape[1])[None]
+    return {"prompt_mask": ((ar >= ends - 2) & (ar < ends) & (b["aux"][:, 1:2] > 0)).float()}
+
+
+def with_hint(method, mbs, world):
+    """uft: each micro-batch gets hint_mask and hint_normalizer (see forward_kwargs); other methods: unchanged.
+    world 1: the single process on rank 0 (no collective)."""
+    if method != "uft":
+        return mbs
+    masks = [forward_kwargs(method, b)["prompt_mask"] for b in mbs]
+    hz = sum(m.sum() for m in masks)
+    hz = common.all_reduce(hz) / world if world > 1 else hz
+    return [{**b, "hint_mask": m, "hint_normalizer": hz} for b, m in zip(mbs, masks)]
+
+
 def grads_of(model, mbs, method, mod, agg, world):
     mode_fn, loss_fn = adapter(method)
     z = common.all_reduce(sum(normalizer_count(b["loss_mask"], mode_fn(agg)) for b in mbs)) / world
+    mbs = with_hint(method, mbs, world)
     for k, b in enumerate(mbs):
         with common.no_sync(model, k == len(mbs) - 1):
-            o = model(b["input_ids"], b["attention_mask"], b["loss_mask"])
+            o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], **forward_kwargs(method, b))
             loss_fn(mod, o, b, z, agg, len(mbs)).backward()
     return {n: p.grad.clone() for n, p in getattr(model, "module", model).named_parameters()}
 
@@ -73,7 +96,8 @@ def main():
     if d.is_main:
         z_mode, loss_fn = adapter(method)
         z = normalizer_count(full["loss_mask"], z_mode(agg))  # one process: the full count, world size 1
-        o = single(full["input_ids"], full["attention_mask"], full["loss_mask"])
+        o = single(full["input_ids"], full["attention_mask"], full["loss_mask"], **forward_kwargs(method, full))
+        full = with_hint(method, [full], 1)[0]
         loss_fn(mod, o, full, z, agg, 1).backward()
         g_ref = {n: p.grad for n, p in single.named_parameters()}
         rel = max(((g_ddp[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-12)).item() for n in g_ref)

@@ -434,6 +434,90 @@ def test_fused_lm_softcapping_fallback():
 
 
 # ----------------------------------------------------------------------------------
+# FusedLM(prompt_mask=...): prompt-side tokens (UFT's hint) scored in the same fused pass
+# ----------------------------------------------------------------------------------
+def hinted_batch(n_prompts=6, G=8, V=50, seed=7, left_pad=False):
+    """n_prompts prompts x G ragged completions; each prompt ends in a hint of 0-4 tokens shared by its G rows
+    (the UFT layout: the hint is part of the prompt). Returns ids, am, loss_mask, hint_mask."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for j in range(n_prompts):
+        p = torch.randint(0, V, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
+        h = torch.randint(0, V, (j % 5,), generator=g).tolist()  # j % 5 hint tokens (0 for the first prompt)
+        for k in range(G):
+            c = torch.randint(0, V, (int(torch.randint(0 if k == 0 else 1, 9, (1,), generator=g)),), generator=g)
+            rows.append((p, h, c.tolist()))  # k == 0 may have no completion token: its hint is still scored
+    L = max(len(p) + len(h) + len(c) for p, h, c in rows)
+    B = len(rows)
+    ids, am = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.long)
+    lmask, hmask = torch.zeros(B, L), torch.zeros(B, L)
+    for i, (p, h, c) in enumerate(rows):
+        s = p + h + c
+        o = L - len(s) if left_pad and i % 2 else 0
+        ids[i, o:o + len(s)] = torch.tensor(s)
+        am[i, o:o + len(s)] = 1
+        hmask[i, o + len(p):o + len(p) + len(h)] = 1
+        lmask[i, o + len(p) + len(h):o + len(s)] = 1
+    return ids, am, lmask, hmask
+
+
+@pytest.mark.parametrize("fast,left_pad", [(True, False), (True, True), (False, False), (False, True)])
+def test_fused_lm_prompt_mask_matches_naive(fast, left_pad):
+    """prompt_mask: log-probs of prompt-side tokens (and their gradients) from the same fused pass equal plain fp32
+    logits -> log-softmax -> gather, with odd chunk sizes, packing and shared contexts on (fast) and off; "logp" and
+    "entropy" stay those of the loss_mask tokens only."""
+    from kernels import engine as K
+    ids, am, lmask, hmask = hinted_batch(left_pad=left_pad)
+    T = 0.7
+    lm_ref = tiny_qwen2(tied=False, bias=True)
+    lp_r, _ = reference(lm_ref, ids, am, (lmask + hmask).clamp(max=1), T)
+    _, ent_r = reference(lm_ref, ids, am, lmask, T)
+    g = torch.Generator().manual_seed(3)
+    up = [torch.randn(ids.shape, generator=g) for _ in range(3)]
+    ((lp_r * lmask * up[0]).sum() + (lp_r * hmask * up[1]).sum() + 0.1 * (ent_r * up[2]).sum()).backward()
+    lm = tiny_qwen2(tied=False, bias=True)
+    contexts = []
+    original = K._packed_attention
+
+    def spy(*args, **kwargs):
+        contexts.append(kwargs.get("context") is not None)
+        return original(*args, **kwargs)
+    K._packed_attention = spy
+    try:
+        model = FusedLM(lm, chunk_size=7, vocab_chunk_size=13, fast=fast)
+        out = model(ids, am, lmask, temperature=T, with_entropy=True, prompt_mask=hmask)
+    finally:
+        K._packed_attention = original
+    assert set(out) == {"logp", "prompt_logp", "entropy"}
+    if fast:  # the hint sits inside the shared prompt context: served by the one shared pass
+        assert lm._postrain_packing_ok is True and contexts and contexts[-1]
+    else:
+        assert not contexts
+    assert rel_err(out["logp"], lp_r * lmask) < 1e-5 and rel_err(out["prompt_logp"], lp_r * hmask) < 1e-5
+    assert rel_err(out["entropy"], ent_r) < 1e-5
+    assert (out["prompt_logp"][hmask == 0] == 0).all() and (out["logp"][lmask == 0] == 0).all()
+    assert (out["prompt_logp"] != 0).sum() == hmask.sum()  # every hint token scored
+    ((out["logp"] * up[0]).sum() + (out["prompt_logp"] * up[1]).sum() + 0.1 * (out["entropy"] * up[2]).sum()).backward()
+    ref_params = dict(lm_ref.named_parameters())
+    for name, p in lm.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-4, name
+
+
+def test_fused_lm_prompt_mask_leaves_existing_calls_unchanged():
+    """Without prompt_mask (every existing call) the result is what it was; an all-zero prompt_mask gives the same
+    logp bit for bit; prompt_mask with head= is refused."""
+    ids, am, lmask, hmask = hinted_batch(n_prompts=3, G=4)
+    model = FusedLM(tiny_qwen2(), chunk_size=5)
+    plain = model(ids, am, lmask, 0.9, True)
+    assert set(plain) == {"logp", "entropy"}
+    zero = model(ids, am, lmask, 0.9, True, prompt_mask=torch.zeros_like(hmask))
+    assert torch.equal(plain["logp"], zero["logp"]) and torch.equal(plain["entropy"], zero["entropy"])
+    assert (zero["prompt_logp"] == 0).all()
+    with pytest.raises(ValueError, match="default head only"):
+        model(ids, am, lmask, prompt_mask=hmask, head=lambda h, w, b, t: {})
+
+
+# ----------------------------------------------------------------------------------
 # The padding-free pass (one packed sequence, attention per row) against plain padded passes
 # ----------------------------------------------------------------------------------
 def ragged_batch(B=19, L=23, V=50, seed=3):
