@@ -10,8 +10,8 @@ A demonstration token's gradient is -A gamma p / (p + gamma)^2 grad log p: rare 
 
 Differs from grpo.py by:
 - data: demonstrations for the RL prompts (need_response=True; embedded: the "rl" split's expert solutions) as
-  tokenize_examples' response_ids (text + EOS); a prompt whose demonstration exceeds --max-new-tokens is dropped and
-  counted (LUFFY's data is pre-filtered to 8192 tokens; a cut demonstration would lose its answer and its reward).
+  tokenize_examples' response_ids (text + EOS), cut to --max-new-tokens like any member (its reward is that of the
+  cut text), with a warning that counts them (LUFFY's data is filtered to 8192 tokens: the official runs never cut).
 - rollout: G-K completions per prompt + its K demonstrations (`regroup`; same reward); `prefix_mask` marks their tokens.
 - luffy_loss (official compute_token_on_off_policy_loss); the entropy bonus is a token mean over the step whatever
   --loss-agg is (verl dp_actor masked_mean(entropy, response_mask)).
@@ -198,14 +198,12 @@ def regroup(a, b, n_a, n_b):
     return [x for j in range(len(a) // n_a) for x in a[j * n_a:(j + 1) * n_a] + b[j * n_b:(j + 1) * n_b]]
 
 
-def check_luffy_args(a, dropped, left):
-    """LUFFY's flags and data, checked before training: a common.UserError naming the problem and the fix."""
-    if dropped:
-        print(f"[luffy] dropped {dropped} prompts longer than --max-prompt-length or with a demonstration longer than "
-              f"--max-new-tokens; {left} remain")
-    if not left:
-        raise common.UserError("no prompt fits --max-prompt-length with a demonstration within --max-new-tokens: "
-                               "raise --max-new-tokens (LUFFY: 8192)")
+def check_luffy_args(a, cut, total):
+    """LUFFY's flags, checked before training: a common.UserError naming the problem and the fix; a warning when
+    demonstrations are longer than --max-new-tokens (cut like any member of the group)."""
+    if cut:
+        print(f"[luffy] warning: {cut} of {total} demonstrations are longer than --max-new-tokens and are cut to it; "
+              "a cut one usually loses its answer (reward 0): raise --max-new-tokens (LUFFY's data: <= 8192 tokens)")
     if not 1 <= a.num_off_policy < a.num_generations:
         raise common.UserError(f"--num-off-policy {a.num_off_policy} must be between 1 and --num-generations - 1 = "
                                f"{a.num_generations - 1}: each group needs a demonstration and an on-policy rollout")
@@ -240,10 +238,8 @@ def main():
     rows, eval_rows = data.load_train_eval(args, need_response=True, embedded_split="rl")  # LUFFY: demonstrations
     train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length + args.max_new_tokens, args.system_prompt,
                                    True, print)  # LUFFY: the demonstration in response_ids (text + EOS)
-    fits = [e for e in train if len(e["prompt_ids"]) <= args.max_prompt_length  # LUFFY: whole demonstrations only
-            and len(e["response_ids"]) <= args.max_new_tokens]  # (a cut one would lose its answer and its reward)
-    check_luffy_args(args, len(train) - len(fits), len(fits))  # LUFFY
-    train = fits  # LUFFY
+    train = [e for e in train if len(e["prompt_ids"]) <= args.max_prompt_length]  # LUFFY: the prompt limit stays
+    check_luffy_args(args, sum(len(e["response_ids"]) > args.max_new_tokens for e in train), len(train))  # LUFFY
     evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
     n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
@@ -291,8 +287,9 @@ def main():
             seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
             comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G - K,
                                                  args.max_new_tokens, args.temperature, args.top_p, seed, engine)
-            demos = [e["response_ids"] for e in batch for _ in range(K)]  # LUFFY: off-policy members of the group
-            comps, fin = regroup(comps, demos, G - K, K), regroup(fin, [True] * len(demos), G - K, K)  # LUFFY
+            demos = [e["response_ids"][:args.max_new_tokens] for e in batch for _ in range(K)]  # LUFFY: off-policy
+            comps = regroup(comps, demos, G - K, K)  # LUFFY: members, cut to the response limit as any member
+            fin = regroup(fin, [d[-1] == tokenizer.eos_token_id for d in demos], G - K, K)  # LUFFY
             gen_lp = regroup(gen_lp, [[] for _ in demos], G - K, K) if gen_lp else None  # LUFFY
             texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
             for j, e in enumerate(batch):
