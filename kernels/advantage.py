@@ -193,7 +193,7 @@ def ppo_clip_loss(
     ratio = log_ratio.exp()  # (B, T)
     unclipped = -adv * ratio
     if clip_mode == "gppo":  # value of the bound, gradient (1 +- eps) grad log pi: ratio / sg(ratio) has value 1
-        keep = ratio / ratio.detach()
+        keep = (log_ratio - log_ratio.detach()).exp()  # = ratio / sg(ratio), without 0 / 0 where ratio underflows
         high = (ratio > 1.0 + eps_high) & (adv > 0)
         low = (ratio < 1.0 - eps_low) & (adv < 0)
         loss = torch.where(high, -adv * (gppo_beta_high * (1.0 + eps_high)) * keep, unclipped)

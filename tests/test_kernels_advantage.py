@@ -237,6 +237,11 @@ def test_gppo_value_equals_ppo_with_unit_betas():
     torch.testing.assert_close(gppo, ppo, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="clip_mode"):
         ppo_clip_loss(logp, old, adv, clip_mode="cispo")
+    # a ratio that underflows to 0 (no log-ratio clamp) keeps a finite gradient: the low-side weight, not 0 / 0
+    lp = torch.tensor([[-200.0, 0.0]], requires_grad=True)
+    loss, _ = ppo_clip_loss(lp, torch.zeros(1, 2), torch.tensor([-1.0]), log_ratio_clamp=None, clip_mode="gppo")
+    (g,) = torch.autograd.grad(loss.sum(), lp)
+    torch.testing.assert_close(g, torch.tensor([[0.8, 1.0]]))  # -b_l (1 - eps_low) A, and -A r with r = 1
 
 
 # ----------------------------------------------------------------------------------
