@@ -184,6 +184,7 @@ RANGES = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_eps": _NONNEG, "eps_low": _NONNEG, "eps_high": _NONNEG,
     "dual_clip": (lambda v: v > 1, "> 1 (inf: no cap)"), "overlong_buffer_ratio": _UNIT, "overlong_penalty": _NONNEG,
     "dist_timeout": _POS, "seed": _NONNEG, "log_ratio_clamp": _POS,
+    "gppo_beta_low": _NONNEG, "gppo_beta_high": _NONNEG,
     "beta": (lambda v: v >= 0, ">= 0 (a KL or distillation coefficient)"),  # otr.py: the reward of a wrong draw
 }
 
@@ -191,8 +192,10 @@ RANGES = {
 # A flag that acts only together with another: given without it, it would change nothing, so the run is refused
 ACTS_ONLY_WITH = {  # flag: (test on the args, what to give with it)
     "kl_estimator": (lambda a: a.beta > 0, "--beta > 0 (the KL term; DeepSeekMath: 0.04)"),
-    **{name: (lambda a: getattr(a, "clip", True), "--clip (relift.py: ReLIFT's released loss has no clip)")
-       for name in ("eps_low", "eps_high", "dual_clip")},
+    **{name: (lambda a: getattr(a, "clip", True), "--clip (the released loss of this method has no clip)")
+       for name in ("eps_low", "eps_high", "dual_clip", "clip_mode")},
+    **{name: (lambda a: a.clip_mode == "gppo", "--clip-mode gppo (GPPO's gradient scales outside the clip range)")
+       for name in ("gppo_beta_low", "gppo_beta_high")},
 }
 
 

@@ -143,6 +143,10 @@ def ppo_clip_loss(
     dual_clip: float | None = None,
     log_ratio_clamp: float | None = 20.0,
     mask: torch.Tensor | None = None,
+    *,
+    clip_mode: str = "ppo",
+    gppo_beta_low: float = 1.0,
+    gppo_beta_high: float = 1.0,
 ):
     """Per-token PPO clipped surrogate (to be minimised) and its clip statistics.
 
@@ -155,10 +159,21 @@ def ppo_clip_loss(
     eps_high > eps_low is DAPO's "clip-higher".  The log-ratio clamp only guards
     exp() against overflow; with |logp - old_logp| < c it changes nothing.
 
+    clip_mode="gppo" (Klear-Reasoner's GPPO, arXiv 2508.07629; Kwai-Klear/KlearReasoner verl/trainer/ppo/
+    core_algos.py `compute_gppo_loss` @defde20 and `compute_gppo_loss_general_beta`): the clip bound is written
+    as (1 +- eps) * ratio / sg(ratio), whose VALUE is the bound and whose GRADIENT is (1 +- eps) grad log pi, so
+    a clipped token keeps a bounded gradient (b_l = gppo_beta_low, b_h = gppo_beta_high, sg = stop-gradient):
+        A > 0, ratio > 1 + eps_high      loss = -b_h (1 + eps_high) A ratio / sg(ratio)   (PPO: gradient 0)
+        A < 0, ratio < 1 - eps_low       loss = -b_l (1 - eps_low) A ratio / sg(ratio)    (PPO: gradient 0)
+        elsewhere                        loss = -A ratio                                  (as PPO)
+        then the dual clip as above: A < 0, -A ratio > -A c2 -> loss = -A c2 (value capped, gradient 0)
+    With b_l = b_h = 1 the value equals PPO's everywhere; only the gradient differs. Clamping with float bounds
+    (ratio.clamp(1 - eps, 1 + eps)) would give PPO's zero gradient back: the bound must carry ratio / sg(ratio).
+
     Returns (per_token_loss (B, T) float32, metrics) with 0-dim tensor metrics, masked
     means over `mask` (all tokens if None):
-      clip_frac_low   ratio < 1 - eps_low and A < 0  (lower clip active, no gradient)
-      clip_frac_high  ratio > 1 + eps_high and A > 0 (upper clip active, no gradient)
+      clip_frac_low   ratio < 1 - eps_low and A < 0  (lower clip active: no gradient; gppo: scaled gradient)
+      clip_frac_high  ratio > 1 + eps_high and A > 0 (upper clip active: no gradient; gppo: scaled gradient)
       dual_clip_frac  A < 0 and the dual clip bound is the active term
       ratio_mean      mean ratio
     """
@@ -166,6 +181,8 @@ def ppo_clip_loss(
         raise ValueError(f"logp {tuple(logp.shape)} and old_logp {tuple(old_logp.shape)} differ")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if clip_mode not in ("ppo", "gppo"):
+        raise ValueError(f"clip_mode must be 'ppo' or 'gppo', got {clip_mode!r}")
     adv = advantages.float()
     if adv.dim() == 1:
         adv = adv[:, None]  # (B, 1) -> broadcast over T
@@ -175,8 +192,15 @@ def ppo_clip_loss(
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = log_ratio.exp()  # (B, T)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(unclipped, clipped)
+    if clip_mode == "gppo":  # value of the bound, gradient (1 +- eps) grad log pi: ratio / sg(ratio) has value 1
+        keep = (log_ratio - log_ratio.detach()).exp()  # = ratio / sg(ratio), without 0 / 0 where ratio underflows
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
+        low = (ratio < 1.0 - eps_low) & (adv < 0)
+        loss = torch.where(high, -adv * (gppo_beta_high * (1.0 + eps_high)) * keep, unclipped)
+        loss = torch.where(low, -adv * (gppo_beta_low * (1.0 - eps_low)) * keep, loss)
+    else:
+        clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+        loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         bound = -adv * dual_clip
         dual_active = (adv < 0) & (loss > bound)

@@ -28,6 +28,7 @@ MODELS = {
     "meta-llama/Llama-3.2-3B": (*_L3, 128256, True, 131072, False),
     "meta-llama/Llama-3.2-3B-Instruct": (*_L3, 128256, True, 131072, False),
     "meta-llama/Llama-3.1-8B": (4096, 32, 14336, 32, 8, 128256, False, 131072, False),
+    "Qwen/Qwen3-8B-Base": (4096, 36, 12288, 32, 8, 151936, False, 32768, False),  # assumed (q/k norms not counted)
     "deepseek-ai/deepseek-math-7b-base": (4096, 30, 11008, 32, 32, 102400, False, 4096, False),
     "deepseek-ai/deepseek-math-7b-instruct": (4096, 30, 11008, 32, 32, 102400, False, 4096, False),
 }

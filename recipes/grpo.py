@@ -89,4 +89,48 @@ RECIPES = {
         fsdp=(True, "our choice: FSDP"),
         gradient_checkpointing=(True, "our choice: memory only (the gradient is the same)"),
     ),
+    "gppo": dict(
+        source="Klear-Reasoner GPPO (arXiv 2508.07629), math run: Kwai-Klear/KlearReasoner recipe/dapo/"
+               "perf_run_dapo_ours_math.sh; spec methods_c.md §5. Deviation: the script's positive_loss_coeff 0.1 "
+               "(a token-mean NLL on the policy's own correct rollouts, dp_actor.py) is not implemented",
+        model=("Qwen/Qwen3-8B-Base", "UNKNOWN: Klear-Reasoner-8B's RL starts from its long-CoT SFT checkpoint "
+                                     "(distilled from DeepSeek-R1-0528), whose base the spec's sources do not name "
+                                     "(our choice: an 8B base; run an SFT first)"),
+        dataset=("Kwai-Klear/KlearReasoner-MathSub-30K", "the math RL data (README); its columns were not read: "
+                                                         "UNKNOWN (give --prompt-column / --answer-column)"),
+        preset=("gppo", "loss_func gppo, clip_ratio_low 0.2, clip_ratio_high 0.28, clip_ratio_c 10.0, loss_agg_mode "
+                        "token-mean, no KL (loss or reward), entropy_coeff 0; deviation: positive_loss_coeff 0.1 "
+                        "(NLL on own correct rollouts) not implemented"),
+        gppo_beta_low=(1.0, "README: beta1 = beta2 = 1 for Klear-Reasoner-8B (compute_gppo_loss has no beta)"),
+        gppo_beta_high=(1.0, "README: beta1 = beta2 = 1 for Klear-Reasoner-8B"),
+        reward=("math", "math_verify (README)"),
+        num_generations=(8, "n 8"),
+        prompts_per_step=(128, "train batch 128 prompts"),
+        dynamic_sampling=(True, "DAPO recipe filter_groups (metric acc): keep groups with reward std > 0"),
+        max_gen_batches=(2, "gen batch 256 prompts = 2 x 128, max_num_gen_batches 1 (no regeneration); ours "
+                            "generates the second 128 only when needed and fills up with equal-reward groups, Klear "
+                            "trains on fewer"),
+        steps_per_generation=(8, "mini-batch 16 prompts: 8 optimizer steps per rollout step (spec §5; the code "
+                                 "reads 32 -> 4 steps: UNKNOWN which ran)"),
+        max_prompt_length=(4096, "max prompt 4096"),
+        max_new_tokens=(32768, "max response 32768 (README: 16K is highly unstable with GPPO or GRPO)"),
+        overlong_buffer_ratio=(0.0, "overlong buffer off"),
+        lr=(1e-6, "lr 1e-6 (math; code 5e-7)"),
+        warmup_steps=(10, "10 warmup steps"),
+        weight_decay=(0.1, "weight decay 0.1"),
+        max_grad_norm=(1.0, "grad clip 1.0"),
+        temperature=(1.0, "rollout temperature 1.0"),
+        top_p=(1.0, "rollout top-p 1.0"),
+        max_steps=(240, "UNKNOWN: the README ablation figure (docker/GPPO.png) runs ~240 steps (our choice)"),
+        grad_accum=(16, "our choice: 1 sequence per micro-batch on 8 GPUs (does not change the gradient)"),
+        eval_dataset=("aime24", "Klear reports AIME24 (avg@64), AIME25, HMMT25, LiveCodeBench"),
+        eval_size=(30, "all of AIME 2024"),
+        eval_samples=(64, "avg@64 (AIME/HMMT)"),
+        eval_temperature=(0.6, "eval temperature 0.6 (top-p 0.95: not a flag here, UNKNOWN effect)"),
+        eval_every=(25, "UNKNOWN in the sources (our choice)"),
+        generator=("vllm", "our choice for GPUs: a colocated vLLM engine per rank"),
+        bf16=(True, "our choice: bf16 autocast with fp32 master weights (as verl)"),
+        fsdp=(True, "our choice: FSDP (verl)"),
+        gradient_checkpointing=(True, "our choice: memory only (the gradient is the same)"),
+    ),
 }

@@ -170,6 +170,81 @@ def test_ppo_log_ratio_clamp():
 
 
 # ----------------------------------------------------------------------------------
+# GPPO clip mode (spec methods_c.md §5, the case table of "Gradient")
+# ----------------------------------------------------------------------------------
+def _gppo_case(r, a, eps_l, eps_h, c, b_l, b_h):
+    """The spec's case table: (region, loss value, d loss / d log pi) of one token, ratio r, advantage a."""
+    if c is not None and a < 0 and r > c:
+        return "dual", -c * a, 0.0
+    if a > 0 and r > 1 + eps_h:
+        return "high", -b_h * (1 + eps_h) * a, -b_h * (1 + eps_h) * a
+    if a < 0 and r < 1 - eps_l:
+        return "low", -b_l * (1 - eps_l) * a, -b_l * (1 - eps_l) * a
+    if 1 - eps_l <= r <= 1 + eps_h:
+        return "inside", -a * r, -a * r
+    return "other_side", -a * r, -a * r  # A > 0 with r < 1 - eps_l, or A < 0 with 1 + eps_h < r <= c
+
+
+# one token per region and more: (log ratio, advantage); ratios 0.30 .. 5.0, none on a boundary
+GPPO_CASES = [(0.0, 1.3), (0.1, -0.7), (-0.15, 2.0),  # inside
+              (0.5, 1.5), (1.2, 0.4),  # A > 0 above 1 + eps_h
+              (-0.5, -1.1), (-1.2, -2.0),  # A < 0 below 1 - eps_l
+              (math.log(5.0), -0.9), (math.log(4.0), -1.6),  # A < 0 above the dual clip c = 3
+              (-0.6, 0.8), (-1.0, 1.7),  # A > 0 below 1 - eps_l: unclipped side
+              (0.6, -1.3), (0.9, -0.3)]  # A < 0 between 1 + eps_h and c: unclipped side
+
+
+@pytest.mark.parametrize("eps_low,eps_high,dual_clip,b_l,b_h", [(0.2, 0.28, 3.0, 1.0, 1.0), (0.2, 0.28, 3.0, 0.25, 1.0),
+                                                                  (0.1, 0.4, None, 0.5, 2.0)])
+def test_gppo_value_and_gradient_per_region(eps_low, eps_high, dual_clip, b_l, b_h):
+    lr = torch.tensor([[x for x, _ in GPPO_CASES]], dtype=torch.float64)
+    adv = torch.tensor([[a for _, a in GPPO_CASES]], dtype=torch.float64)
+    old = torch.linspace(-3.0, -0.2, lr.shape[1], dtype=torch.float64)[None]
+    logp = (old + lr).float().requires_grad_()
+    loss, m = ppo_clip_loss(logp, old.float(), adv.float(), eps_low, eps_high, dual_clip, clip_mode="gppo",
+                            gppo_beta_low=b_l, gppo_beta_high=b_h)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    cases = [_gppo_case(math.exp(x), a, eps_low, eps_high, dual_clip, b_l, b_h) for x, a in GPPO_CASES]
+    regions = {name for name, _, _ in cases}
+    assert regions >= {"inside", "high", "low", "other_side"} | ({"dual"} if dual_clip else set())
+    torch.testing.assert_close(loss[0].double(), torch.tensor([v for _, v, _ in cases], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad[0].double(), torch.tensor([g for _, _, g in cases], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+    # the gradient outside the clip range is not zero (float-bound clamping, i.e. PPO, would give 0 there)
+    ppo_loss, _ = ppo_clip_loss(logp, old.float(), adv.float(), eps_low, eps_high, dual_clip)
+    (ppo_grad,) = torch.autograd.grad(ppo_loss.sum(), logp)
+    for j, (name, _, g) in enumerate(cases):
+        if name in ("high", "low"):
+            assert ppo_grad[0, j].item() == 0.0 and abs(grad[0, j].item()) > 0.05
+            assert grad[0, j].item() == pytest.approx(g, rel=1e-6)
+        else:
+            assert ppo_grad[0, j].item() == pytest.approx(grad[0, j].item(), rel=1e-6, abs=1e-7)
+    n = len(cases)
+    assert m["clip_frac_high"].item() == pytest.approx(sum(c[0] == "high" for c in cases) / n)
+    assert m["clip_frac_low"].item() == pytest.approx(sum(c[0] == "low" for c in cases) / n)
+    assert m["dual_clip_frac"].item() == pytest.approx(sum(c[0] == "dual" for c in cases) / n)
+
+
+def test_gppo_value_equals_ppo_with_unit_betas():
+    # Klear's README: the forward is exactly clip-higher (dual-clip) PPO; random tensors over every region
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(16, 24, generator=g) * 3
+    logp = old + torch.randn(16, 24, generator=g) * 0.6
+    adv = torch.randn(16, generator=g) * 1.5
+    gppo, _ = ppo_clip_loss(logp, old, adv, 0.2, 0.28, 10.0, clip_mode="gppo")
+    ppo, _ = ppo_clip_loss(logp, old, adv, 0.2, 0.28, 10.0)
+    torch.testing.assert_close(gppo, ppo, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="clip_mode"):
+        ppo_clip_loss(logp, old, adv, clip_mode="cispo")
+    # a ratio that underflows to 0 (no log-ratio clamp) keeps a finite gradient: the low-side weight, not 0 / 0
+    lp = torch.tensor([[-200.0, 0.0]], requires_grad=True)
+    loss, _ = ppo_clip_loss(lp, torch.zeros(1, 2), torch.tensor([-1.0]), log_ratio_clamp=None, clip_mode="gppo")
+    (g,) = torch.autograd.grad(loss.sum(), lp)
+    torch.testing.assert_close(g, torch.tensor([[0.8, 1.0]]))  # -b_l (1 - eps_low) A, and -A r with r = 1
+
+
+# ----------------------------------------------------------------------------------
 # KL estimators
 # ----------------------------------------------------------------------------------
 def test_kl_estimate_values():

@@ -596,9 +596,11 @@ def test_sampling_from_diverged_weights_is_one_line(tiny_dir):
     ("chord", ["--kl-estimator", "k1"], ["--beta", "0.01"],
      "--kl-estimator acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
     ("relift", ["--eps-high", "0.28"], ["--clip"],
-     "--eps-high acts only with --clip (relift.py: ReLIFT's released loss has no clip); give that too"),
+     "--eps-high acts only with --clip (the released loss of this method has no clip); give that too"),
     ("relift", ["--dual-clip", "3"], ["--clip"],
-     "--dual-clip acts only with --clip (relift.py: ReLIFT's released loss has no clip); give that too"),
+     "--dual-clip acts only with --clip (the released loss of this method has no clip); give that too"),
+    ("grpo", ["--gppo-beta-low", "0.25"], ["--clip-mode", "gppo"],
+     "--gppo-beta-low acts only with --clip-mode gppo (GPPO's gradient scales outside the clip range); give that too"),
 ])
 def test_a_flag_that_would_change_nothing_is_refused(method, flags, enabler, line):
     """common.ACTS_ONLY_WITH: one shared table instead of a check in every method file."""
@@ -608,5 +610,5 @@ def test_a_flag_that_would_change_nothing_is_refused(method, flags, enabler, lin
         common.parse_args(mod.Args, flags, presets={"recipe": mod.RECIPES})
     assert str(e.value) == "error: " + line
     args = common.parse_args(mod.Args, flags + enabler, presets={"recipe": mod.RECIPES})  # with it: accepted
-    assert args.beta > 0 or args.clip
+    assert args.beta > 0 or getattr(args, "clip", False) or args.clip_mode == "gppo"
     common.parse_args(mod.Args, [], presets={"recipe": mod.RECIPES})  # the defaults never trip it

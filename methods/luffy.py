@@ -1,0 +1,412 @@
+"""LUFFY: Learning to reason Under oFF-policY guidance (arXiv 2504.14945): mixed-policy GRPO with the off-policy
+demonstration inside each group and policy shaping on its tokens. A diff of grpo.py (the base of the rollout family).
+
+Per prompt q with demonstration y* (a DeepSeek-R1 trace) the group holds G-K rollouts o_i ~ pi_old(.|q) and K copies
+of y* (--num-off-policy; official n_prefix 1: 7 + 1), with one advantage over the MIXED group, A_i = R_i - mean_G R:
+    l_it = -A_i r_it,  r_it = pi_theta(o_it) / pi_old(o_it)              (on-policy tokens; code: no clip)
+    l_t  = -A f(pi_theta(y*_t | q, y*_<t)),  f(p) = p / (p + gamma)     (demonstration: pi_phi := 1, never clipped)
+    L = (1/B) sum_i sum_t l_it / L_max - 0.001 (token mean of the entropy)     (gamma 0.1)
+A demonstration token's gradient is -A gamma p / (p + gamma)^2 grad log p: rare expert tokens weigh more (spec §1).
+
+Differs from grpo.py by:
+- data: demonstrations for the RL prompts (need_response=True; embedded: the "rl" split's expert solutions) as
+  tokenize_examples' response_ids (text + EOS), cut to --max-new-tokens like any member (its reward is that of the
+  cut text), with a warning that counts them (LUFFY's data is filtered to 8192 tokens: the official runs never cut).
+- rollout: G-K completions per prompt + its K demonstrations (`regroup`; same reward); `prefix_mask` marks their tokens.
+- luffy_loss (official compute_token_on_off_policy_loss); the entropy bonus is a token mean over the step whatever
+  --loss-agg is (verl dp_actor masked_mean(entropy, response_mask)).
+- defaults of the released run (exp_scripts/train.sh): --scale-rewards none, --loss-agg seq_mean_token_sum_norm,
+  --no-clip, entropy 0.001, --log-ratio-clamp none (official ratio exp(log_prob - old_log_prob), unclamped).
+Official code (as the spec records it; the repository was not in this machine's index): ElliottYan/LUFFY
+luffy/verl/verl/mix_src/mix_core_alg.py (off_policy_reshape "p_div_p_0.1"), mix_ppo_trainer.yaml, train.sh.
+Paper vs code, each a flag (defaults: the code; --preset luffy_paper: the paper's three):
+- std in A: --scale-rewards none (grpo_use_std=False) | group (paper: std over G_on and G_off).
+- on-policy clip: --no-clip (loss_remove_clip=True) | --clip (paper; then --eps-low/-high, --dual-clip, --clip-mode act).
+- aggregation: --loss-agg seq_mean_token_sum_norm (token sum / 8192) | token_mean (paper: / token count Z).
+- shaping: --shaping p_div_p (f(p) = p / (p + --shaping-gamma)) | none (f(p) = p: off_policy_reshape no_reshape).
+Deviations: the official sum / 8192 is per micro-batch (no mean over sequences: a constant factor, absorbed by the
+lr); here / L_max and / the step's sequences, so gradient accumulation and DDP do not change it. The official expert
+trace passes through vLLM as a full prefix; here its token ids are used. Left out: adv_estimator grpo_split (mean/std
+over on-policy members only), off_max_clip / all_max_clip and the other off_policy_reshape modes.
+
+Run:
+    python methods/luffy.py                         # from a weak SFT warm start of the embedded tiny model (CPU)
+    python methods/luffy.py --preset luffy_paper    # the paper's form: std-normalised A, clipped on-policy tokens
+    torchrun --nproc_per_node 8 methods/luffy.py --recipe paper   # Qwen2.5-Math-7B-16k-think on Openr1-Math-46k-8192
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import data  # noqa: E402
+import rollout  # noqa: E402
+from kernels.advantage import (aggregate, group_advantages, kl_estimate, masked_mean, normalizer_count,  # noqa: E402
+                               ppo_clip_loss, reward_moments)  # noqa: E402
+from kernels.engine import FusedLM  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- model and data (identical in every file of the family) ---
+    model: str = "embedded:warm"  # hub name, local directory, or embedded:warm (tiny model after a short SFT)
+    dataset: str = "embedded"  # hub name, local .json/.jsonl/.parquet/.csv, or embedded (arithmetic task)
+    dataset_split: str = "train"  # split of a hub dataset
+    dataset_config: Optional[str] = None  # configuration (subset) name of a hub dataset (load_dataset's second argument)
+    prompt_column: str = "prompt"  # dataset column with the question
+    response_column: str = "response"  # dataset column with a demonstration (methods that use expert data)
+    answer_column: str = "answer"  # dataset column with the checkable final answer
+    system_prompt: Optional[str] = None  # prepended as a system message through the chat template
+    chat_template: Optional[str] = None  # a Jinja chat template (a file, or the template text) set over the tokenizer's
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+    max_new_tokens: int = 1024  # completion length (DeepSeekMath: 1024)
+    eval_dataset: Optional[str] = None  # held-out set; default: embedded eval split, or --eval-size rows of --dataset drawn at random (fixed seed)
+    eval_size: int = 256  # held-out examples (the first N of --eval-dataset or of the embedded eval split, or N random rows of --dataset, held out from training); 0: no held-out evaluation
+    eval_samples: int = 0  # also log mean@k: k samples per held-out prompt at --eval-temperature (DFT avg@16, DAPO avg@32); 0: greedy only
+    eval_temperature: float = 1.0  # sampling temperature of the mean@k evaluation (DFT, DAPO: 1.0)
+    reward: str = "auto"  # auto (exact on embedded, else math), exact (string match), math (math-verify) or FILE.py:FUNCTION; comma-separated for several
+    reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
+    answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
+    generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/luffy.py
+    preset: Optional[Literal["grpo", "dr_grpo", "dapo", "gppo", "luffy_paper"]] = None  # the paper's combination of the flags below
+    # --- rollout and optimisation ---
+    max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
+    prompts_per_step: int = 16  # prompts per rollout step, all ranks (Dr. GRPO: 16 x 8 = 128 rollouts)
+    num_generations: int = 8  # G, completions per prompt (TRL default; Dr. GRPO, LUFFY)
+    steps_per_generation: int = 1  # optimizer steps per rollout batch (verl: train_batch / ppo_mini_batch)
+    num_iterations: int = 1  # passes over each rollout batch, mu (DeepSeekMath, TRL default 1)
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 1e-6  # DeepSeekMath §4.2, TRL GRPOConfig, Dr. GRPO, DAPO
+    beta1: float = 0.9  # torch/verl AdamW default
+    beta2: float = 0.999  # torch/verl AdamW default
+    weight_decay: float = 0.01  # verl actor optim default
+    warmup_steps: int = 0  # linear warmup, then constant (verl; DAPO paper uses 20)
+    max_grad_norm: float = 1.0  # verl and TRL default
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature (TRL, verl)
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    scale_rewards: Literal["group", "batch", "none"] = "none"  # LUFFY train.sh grpo_use_std=False (paper: std)
+    adv_eps: float = 1e-6  # verl (TRL: 1e-4)
+    eps_low: float = 0.2  # PPO clip, ratio >= 1 - eps_low (DeepSeekMath, TRL, verl)
+    eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
+    dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
+    log_ratio_clamp: Optional[float] = None  # LUFFY: mix_core_alg ratio = exp(log_prob - old_log_prob), no cap
+    clip_mode: Literal["ppo", "gppo"] = "ppo"  # gppo: clipped tokens keep a bounded gradient (Klear-Reasoner GPPO, KlearReasoner core_algos.py compute_gppo_loss)
+    gppo_beta_low: float = 1.0  # GPPO beta1: gradient scale of A<0, ratio<1-eps_low tokens (Klear README: beta1 = beta2 = 1 for Klear-Reasoner-8B; yaml gppo_loss_beta1 0.25)
+    gppo_beta_high: float = 1.0  # GPPO beta2: gradient scale of A>0, ratio>1+eps_high tokens (Klear README, compute_gppo_loss_general_beta)
+    beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # LUFFY loss_remove_token_mean=True: sum / 8192 (paper: token_mean)
+    mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
+    max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
+    overlong_buffer_ratio: float = 0.0  # DAPO overlong shaping: last fraction of max_new_tokens penalised (4096/20480)
+    overlong_penalty: float = 1.0  # DAPO: penalty at the hard limit
+    entropy_coef: float = 0.001  # LUFFY train.sh entropy_coeff 0.001 (a token mean over the step)
+    # --- runtime (identical in every file) ---
+    seed: int = 0  # data order, sampling and initialisation
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weight dtype (fp32 on CPU: bf16 is 2x slower)
+    bf16: bool = False  # bf16 autocast on CUDA
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    gradient_checkpointing: bool = False  # recompute activations in backward
+    fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
+    trust_remote_code: bool = False  # let transformers run a model repository's own code
+    output_dir: str = "runs/luffy"  # metrics.jsonl, config.json, checkpoints
+    eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
+    save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
+    keep_last: Optional[int] = 2  # checkpoints to keep
+    resume: bool = False  # continue from the latest complete checkpoint in --output-dir
+    overwrite: bool = False  # delete a previous run in --output-dir (with --resume: continue it although flags that change its trajectory differ)
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    dist_timeout: float = 1800.0  # seconds a collective may wait for another rank before the job stops (torch default 30 min)
+    report_to: str = "none"  # also log to: comma-separated tensorboard, wandb, trackio (each when installed; W&B offline: WANDB_MODE=offline), or none
+    quiet: bool = False  # no progress bar
+    dry_run: bool = False  # print the resolved config with sources, the batch and a memory estimate, then exit (no weights loaded)
+    # --- LUFFY ---
+    num_off_policy: int = 1  # demonstrations per group of G (LUFFY train.sh n_prefix=1: 7 rollouts + 1 demonstration)
+    clip: bool = False  # PPO clip on on-policy tokens (LUFFY loss_remove_clip=True: off; the paper's objective: on)
+    shaping: Literal["p_div_p", "none"] = "p_div_p"  # demo weight f(p) = p/(p+gamma) (off_policy_reshape p_div_p_0.1); none: f(p) = p
+    shaping_gamma: float = 0.1  # gamma of f(p) = p / (p + gamma) (LUFFY paper; code p_div_p_0.1)
+
+
+PRESETS = {
+    "grpo": dict(scale_rewards="group", loss_agg="seq_mean_token_mean", eps_high=0.2, beta=0.04, kl_estimator="k3",
+                 source="DeepSeekMath §4.2"),
+    "dr_grpo": dict(scale_rewards="none", loss_agg="seq_mean_token_sum_norm", eps_high=0.2, beta=0.0,
+                    source="Dr. GRPO §3.2, oat code"),
+    "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
+                 overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
+    "gppo": dict(clip_mode="gppo", eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
+                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629) recipe/dapo/"
+                 "perf_run_dapo_ours_math.sh: loss_func gppo, clip_ratio 0.2/0.28, clip_ratio_c 10, token-mean, no KL"),
+    "luffy_paper": dict(scale_rewards="group", clip=True, loss_agg="token_mean",  # LUFFY
+                        source="LUFFY paper (spec methods_b.md §1): A / std over the mixed group, clipped on-policy "
+                               "ratio, normaliser Z = token count"),
+}
+RECIPES = {
+    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
+    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
+    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.188 -> 0.207, mean@4 0.140 -> 0.177; from stronger
+    # warm starts, 0.289 -> 0.359, and 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's
+    # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
+    # fell to 0.31)
+    "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
+                     prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7),
+}
+
+
+def luffy_loss(logp, old_logp, advantages, mask, normalizer, *, prefix_mask, entropy=None, token_normalizer=None,
+               shaping="p_div_p", gamma=0.1, clip=False, ref_logp=None, eps_low=0.2, eps_high=0.2, dual_clip=None,
+               log_ratio_clamp=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="seq_mean_token_sum_norm",
+               max_len=None, clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
+    """logp, old_logp, ref_logp, entropy, mask, prefix_mask: (B, T) per completion token; advantages: (B,) or (B, T).
+    prefix_mask: 1 on demonstration (off-policy) tokens. normalizer: `normalizer_count(mask, loss_agg)` over the
+    optimizer step, all ranks, / world size; token_normalizer: loss tokens of the step, all ranks, / world size (the
+    entropy bonus is a token mean). On-policy tokens: -A r (clip: grpo's PPO loss); demonstration tokens: -A f(p),
+    p = exp(logp), f(p) = p / (p + gamma) (shaping "p_div_p") or p ("none"). Returns (loss, metrics)."""
+    demo, on = prefix_mask.bool() & mask.bool(), mask.bool() & ~prefix_mask.bool()  # (B, T) off- / on-policy tokens
+    adv = advantages.float()
+    adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(logp)  # (B, T)
+    old = torch.where(demo, logp.detach(), old_logp)  # demonstration tokens have no behaviour policy: ratio 1, unused
+    if clip:  # the paper's clipped on-policy term
+        on_tok, metrics = ppo_clip_loss(logp, old, adv, eps_low, eps_high, dual_clip, log_ratio_clamp, mask=on,
+                                        clip_mode=clip_mode, gppo_beta_low=gppo_beta_low, gppo_beta_high=gppo_beta_high)
+    else:  # official loss_remove_clip=True: -A r
+        log_ratio = logp.float() - old.float()
+        ratio = (log_ratio if log_ratio_clamp is None else log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)).exp()
+        on_tok, metrics = -adv * ratio, {"ratio_mean": masked_mean(ratio.detach(), on)}
+    p = logp.float().exp()
+    off_ratio = p / (p + gamma) if shaping == "p_div_p" else p  # pi_phi := 1, then f (official off_ratio)
+    per_tok = torch.where(demo, -adv * off_ratio, on_tok)  # (B, T)
+    metrics.update(demo_frac=demo.sum() / mask.sum().clamp(min=1), demo_prob=masked_mean(p.detach(), demo))
+    if beta > 0:  # KL to the reference, added to the loss (not to the reward)
+        kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
+        per_tok = per_tok + beta * kl
+        metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    loss = aggregate(per_tok, mask, loss_agg, normalizer, max_len)
+    if entropy_coef:  # bonus: maximise entropy, a token mean over the step (verl dp_actor masked_mean)
+        loss = loss - entropy_coef * aggregate(entropy, mask, "token_mean", token_normalizer)
+    return loss, metrics
+
+
+def regroup(a, b, n_a, n_b):
+    """Per prompt, its n_a items of `a` then its n_b items of `b`: the G members of each group stay contiguous."""
+    return [x for j in range(len(a) // n_a) for x in a[j * n_a:(j + 1) * n_a] + b[j * n_b:(j + 1) * n_b]]
+
+
+def check_luffy_args(a, cut, total):
+    """LUFFY's flags, checked before training: a common.UserError naming the problem and the fix; a warning when
+    demonstrations are longer than --max-new-tokens (cut like any member of the group)."""
+    if cut:
+        print(f"[luffy] warning: {cut} of {total} demonstrations are longer than --max-new-tokens and are cut to it; "
+              "a cut one usually loses its answer (reward 0): raise --max-new-tokens (LUFFY's data: <= 8192 tokens)")
+    if not 1 <= a.num_off_policy < a.num_generations:
+        raise common.UserError(f"--num-off-policy {a.num_off_policy} must be between 1 and --num-generations - 1 = "
+                               f"{a.num_generations - 1}: each group needs a demonstration and an on-policy rollout")
+    if not 0 < a.shaping_gamma < float("inf"):
+        raise common.UserError(f"--shaping-gamma {a.shaping_gamma} must be > 0 (LUFFY: 0.1)")
+    if "shaping_gamma" in a._explicit and a.shaping != "p_div_p":
+        raise common.UserError("--shaping-gamma acts only with --shaping p_div_p; give that too")
+    if a.clip_mode != "ppo" and not a.clip:
+        raise common.UserError(f"--clip-mode {a.clip_mode} acts only with --clip (LUFFY's released loss has no clip on "
+                               "on-policy tokens); give --clip too")
+
+
+def overlong_penalty(length, max_len, buffer, penalty):
+    """DAPO Eq. 13: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_len - buffer)) / buffer * penalty, 0.0)
+
+
+def main():
+    args = common.parse_args(Args, presets={"preset": PRESETS, "recipe": RECIPES})
+    if args.dry_run:  # resolved recipe with sources, batch and memory estimate; loads nothing
+        return common.dry_run(args, frozen=[args.model] if args.beta > 0 else [])  # the reference model
+    # 1. setup: process group, output directory, tokenizer, prompts and reward
+    d = common.setup_distributed(args.seed, args.dist_timeout)
+    out = common.prepare_output_dir(args, d)
+    model_path = data.resolve_model(args.model, d)
+    tokenizer = data.load_tokenizer(model_path, args.trust_remote_code, args.chat_template)
+    data.check_context(model_path, args.max_prompt_length + args.max_new_tokens,
+                         f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")
+    reward_fn = rollout.get_reward_fn(args.reward, args.reward_weights, args.answer_format, args.dataset)
+    rows, eval_rows = data.load_train_eval(args, need_response=True, embedded_split="rl")  # LUFFY: demonstrations
+    train = data.tokenize_examples(tokenizer, rows, args.max_prompt_length + args.max_new_tokens, args.system_prompt,
+                                   True, print)  # LUFFY: the demonstration in response_ids (text + EOS)
+    train = [e for e in train if len(e["prompt_ids"]) <= args.max_prompt_length]  # LUFFY: the prompt limit stays
+    check_luffy_args(args, sum(len(e["response_ids"]) > args.max_new_tokens for e in train), len(train))  # LUFFY
+    evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
+    G = args.num_generations
+    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
+    K = args.num_off_policy  # LUFFY: demonstrations per group
+
+    # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
+    lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
+    fused = FusedLM(lm, fast=args.fast_paths)  # the one change to model/global state: printed below
+    model = common.wrap_model(fused, d, args.fsdp)
+    ref = (FusedLM(data.load_model(model_path, args.dtype, args.trust_remote_code, device=d.device),
+                   fast=args.fast_paths).eval() if args.beta > 0 else None)
+    engine = rollout.make_engine(args.generator, model_path, d, args.max_prompt_length + args.max_new_tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel for all tensors
+    scheduler = common.lr_schedule(optimizer, args.warmup_steps, args.max_steps * args.steps_per_generation,
+                                   "constant")
+    start, tokens_seen, ckpt = 0, 0, common.latest_checkpoint(args)
+    if ckpt:
+        state = common.load_checkpoint(ckpt, model, [optimizer], [scheduler], d)
+        start, tokens_seen = state["step"], state["tokens"]
+        if engine:
+            engine.push(model)
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, vars(args))
+    log.print(f"[luffy] {len(train)} prompts with demonstrations, {len(evalset)} held-out, G={G} ({K} off-policy), "
+              f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    log.print(f"[luffy] {fused.summary}")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
+    recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
+
+    def run_eval(step):
+        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
+        log.log(step, accs)
+        return accs
+
+    if start == 0:
+        run_eval(0)
+    for step in range(start + 1, args.max_steps + 1):
+        t0 = common.timer()
+        # 3. rollout: G-K completions + K demonstrations per prompt (DAPO dynamic sampling keeps mixed groups)
+        kept, dropped, tries = [], [], 0
+        while len(kept) < n_local // G and tries < (args.max_gen_batches if args.dynamic_sampling else 1):
+            batch_no = (step - 1) * args.max_gen_batches + tries if args.dynamic_sampling else step - 1
+            batch = [train[i] for i in data.batch_indices(len(train), args.prompts_per_step, batch_no, args.seed,
+                                                            d.rank, d.world_size)]
+            seed = (args.seed * 1_000_003 + step * 101 + tries) * 64 + d.rank
+            comps, fin, gen_lp = rollout.generate(model, tokenizer, [e["prompt_ids"] for e in batch], G - K,
+                                                 args.max_new_tokens, args.temperature, args.top_p, seed, engine)
+            demos = [e["response_ids"][:args.max_new_tokens] for e in batch for _ in range(K)]  # LUFFY: off-policy
+            comps = regroup(comps, demos, G - K, K)  # LUFFY: members, cut to the response limit as any member
+            fin = regroup(fin, [d[-1] == tokenizer.eos_token_id for d in demos], G - K, K)  # LUFFY
+            gen_lp = regroup(gen_lp, [[] for _ in demos], G - K, K) if gen_lp else None  # LUFFY
+            texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+            for j, e in enumerate(batch):
+                group = []
+                for i in range(j * G, (j + 1) * G):
+                    reward = reward_fn(texts[i], e) + overlong_penalty(
+                        len(comps[i]), args.max_new_tokens, args.overlong_buffer_ratio * args.max_new_tokens,
+                        args.overlong_penalty)
+                    group.append(dict(example=e, completion=comps[i], finished=fin[i], demo=i % G >= G - K,  # LUFFY
+                                      gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
+                equal = len({s["reward"] for s in group}) == 1
+                (dropped if args.dynamic_sampling and equal else kept).append(group)
+            tries += 1
+        # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
+        groups = (kept + dropped)[: n_local // G]
+        samples = [s for g in groups for s in g]
+        t_gen = common.timer() - t0
+
+        # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
+        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
+        group_index = torch.arange(len(samples)) // G
+        moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
+        adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
+        seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]
+        full = data.collate(seqs, tokenizer.pad_token_id, d.device)
+        if args.mask_truncated:
+            full["loss_mask"] *= torch.tensor([float(s["finished"]) for s in samples], device=d.device)[:, None]
+        full["advantages"] = adv.to(d.device)
+        full["prefix_mask"] = full["loss_mask"] * torch.tensor([float(s["demo"]) for s in samples],  # LUFFY
+                                                               device=d.device)[:, None]
+
+        # 5. old and reference log-probs (no grad), computed once per rollout batch
+        with torch.no_grad(), autocast:
+            if recompute_old:
+                full["old_logp"] = model(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                         args.temperature)["logp"]
+            if ref is not None:
+                full["ref_logp"] = ref(full["input_ids"], full["attention_mask"], full["loss_mask"],
+                                       args.temperature)["logp"]
+
+        # 6. policy update: --num-iterations passes x --steps-per-generation optimizer steps x --grad-accum micro
+        stats, n_opt = {}, 0
+        for _ in range(args.num_iterations):
+            for mini in torch.arange(n_local).chunk(args.steps_per_generation):
+                mbs = [{name: v[idx] for name, v in full.items()} for idx in mini.chunk(args.grad_accum)]
+                normalizer = common.all_reduce(
+                    sum(normalizer_count(b["loss_mask"], args.loss_agg) for b in mbs)) / d.world_size
+                token_normalizer = common.all_reduce(sum(b["loss_mask"].sum() for b in mbs)) / d.world_size  # LUFFY
+                for micro, b in enumerate(mbs):
+                    with common.no_sync(model, micro == len(mbs) - 1), autocast:
+                        o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
+                        old = b["old_logp"] if recompute_old else o["logp"].detach()
+                        loss, m = luffy_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,  # LUFFY
+                                             prefix_mask=b["prefix_mask"], token_normalizer=token_normalizer,
+                                             shaping=args.shaping, gamma=args.shaping_gamma, clip=args.clip,
+                                             ref_logp=b.get("ref_logp"), entropy=o["entropy"], eps_low=args.eps_low,
+                                             eps_high=args.eps_high, dual_clip=args.dual_clip,
+                                             log_ratio_clamp=args.log_ratio_clamp, beta=args.beta,
+                                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
+                                             loss_agg=args.loss_agg, max_len=args.max_new_tokens,
+                                             clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
+                                             gppo_beta_high=args.gppo_beta_high)
+                        loss.backward()
+                    m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
+                    for key, v in {"loss": loss.detach(), **m}.items():
+                        stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
+                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
+                                       args.skip_nonfinite)
+                if not bad:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_opt += 1
+        # 7. push the new weights into the generator
+        if engine:
+            engine.push(model)
+
+        # 8. log, evaluate, checkpoint
+        tokens_seen += int(full["attention_mask"].sum())
+        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
+        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
+        metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
+        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
+                        "train/on_policy_reward": rewards.view(-1, G)[:, :G - K].mean(),  # LUFFY
+                        "train/demo_reward": rewards.view(-1, G)[:, G - K:].mean(),  # LUFFY
+                        "train/completion_length": lengths.mean(),
+                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
+                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
+            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
+                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
+            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
+        metrics = common.reduce_metrics(metrics, d.device)
+        metrics.update({"perf/tokens": tokens_seen * d.world_size,
+                        "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
+        log.log(step, metrics, advance=1)
+        if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
+            log.completions(step, tokenizer, samples, adv)
+        if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
+                                   {"tokens": tokens_seen}, d, args.keep_last)
+
+    # 9. final evaluation and model
+    acc = run_eval(args.max_steps)
+    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
+                           {"tokens": tokens_seen}, d, name="final")
+    log.print(f"[luffy] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.close()
+    del model, optimizer, engine
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
