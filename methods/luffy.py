@@ -72,7 +72,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/luffy.py
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo", "gppo", "luffy_paper"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -115,7 +115,7 @@ class Args:
     gradient_checkpointing: bool = False  # recompute activations in backward
     fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
-    output_dir: str = "runs/luffy"  # metrics.jsonl, config.json, checkpoints
+    output_dir: Optional[str] = None  # metrics.jsonl, config.json, checkpoints (default: runs/<this file's name>)
     eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
     save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
@@ -242,7 +242,7 @@ def main():
     check_luffy_args(args, sum(len(e["response_ids"]) > args.max_new_tokens for e in train), len(train))  # LUFFY
     evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
+    n_local = rollout.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
     K = args.num_off_policy  # LUFFY: demonstrations per group
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
@@ -262,10 +262,11 @@ def main():
         start, tokens_seen = state["step"], state["tokens"]
         if engine:
             engine.push(model)
-    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, vars(args))
-    log.print(f"[luffy] {len(train)} prompts with demonstrations, {len(evalset)} held-out, G={G} ({K} off-policy), "
-              f"world size {d.world_size}, start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    log.print(f"[luffy] {fused.summary}")
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, args)
+    log.print(f"[{log.name}] {len(train)} prompts with demonstrations, {len(evalset)} held-out, G={G} "
+              f"({K} off-policy), world size {d.world_size}, start step {start}"
+              + (f" (resumed from {ckpt.name})" if ckpt else ""))
+    log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
@@ -342,28 +343,22 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = luffy_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,  # LUFFY
-                                             prefix_mask=b["prefix_mask"], token_normalizer=token_normalizer,
-                                             shaping=args.shaping, gamma=args.shaping_gamma, clip=args.clip,
-                                             ref_logp=b.get("ref_logp"), entropy=o["entropy"], eps_low=args.eps_low,
-                                             eps_high=args.eps_high, dual_clip=args.dual_clip,
-                                             log_ratio_clamp=args.log_ratio_clamp, beta=args.beta,
-                                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,
-                                             loss_agg=args.loss_agg, max_len=args.max_new_tokens,
-                                             clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
-                                             gppo_beta_high=args.gppo_beta_high)
+                        loss, m = luffy_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer, ref_logp=b.get("ref_logp"),
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                            dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
+                            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
+                            clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
+                            gppo_beta_high=args.gppo_beta_high,
+                            prefix_mask=b["prefix_mask"], token_normalizer=token_normalizer, clip=args.clip,  # LUFFY
+                            shaping=args.shaping, gamma=args.shaping_gamma)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
         # 7. push the new weights into the generator
         if engine:
@@ -371,27 +366,18 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = rewards.view(-1, G).std(1) if G > 1 else torch.zeros(1)
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen,
                         "train/on_policy_reward": rewards.view(-1, G)[:, :G - K].mean(),  # LUFFY
-                        "train/demo_reward": rewards.view(-1, G)[:, G - K:].mean(),  # LUFFY
-                        "train/completion_length": lengths.mean(),
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+                        "train/demo_reward": rewards.view(-1, G)[:, G - K:].mean()})
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
@@ -402,7 +388,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[luffy] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[{log.name}] done: {rollout.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine
     common.cleanup_distributed()
