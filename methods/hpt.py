@@ -9,8 +9,8 @@ Objective (Algorithm 1 with the released hard switch), question q, rollouts o_1.
     L_SFT = token mean over the demonstration tokens of -log pi_theta(y*_t | q, y*_<t)
 
 Differs from grpo.py by:
-- (prompt, demonstration, answer) rows; a demonstration of >= --max-new-tokens tokens drops its question (the code
-  cuts it, losing its EOS); hpt_gate (k <= --gate; switch_gate 0 for Qwen2.5-Math, 2 for LLaMA-3.1-8B): a gated
+- (prompt, demonstration, answer) rows; a demonstration is cut to --max-new-tokens, losing its EOS, as the code
+  does (the count is printed); hpt_gate (k <= --gate; switch_gate 0 for Qwen2.5-Math, 2 for LLaMA-3.1-8B): a gated
   question's rollouts leave the loss (paid for, as in the code), its demonstration row (is_expert) enters it, in the
   same mini-batches and AdamW; hpt_loss: RL over rollout rows, SFT over demonstration rows, entropy over all tokens;
 - --sft-agg token_mean (ours): every term counted over the whole optimizer step and all ranks (RL by --loss-agg over
@@ -205,14 +205,14 @@ def hpt_gate(rewards, gate):
 
 
 def with_demonstrations(tokenizer, examples, max_tokens, log):
-    """Add 'response_ids' (demonstration + EOS, the demo row of mix_vllm_rollout.py); a question whose demonstration
-    is empty or has max_tokens or more tokens is dropped and counted (the code would cut it)."""
+    """Add 'response_ids': demonstration + EOS cut to max_tokens, as mix_vllm_rollout.py generate_off_sequences (a
+    cut one loses its EOS: the count is printed, filter such data first); questions without one are dropped."""
     ids = [tokenizer(str(e.get("response") or "").strip(), add_special_tokens=False)["input_ids"] for e in examples]
-    out = [{**e, "response_ids": r + [tokenizer.eos_token_id]} for e, r in zip(examples, ids) if 0 < len(r) < max_tokens]
-    log(f"[hpt] {len(examples) - len(out)} questions dropped: demonstration empty or >= {max_tokens} tokens")
+    out = [{**e, "response_ids": (r + [tokenizer.eos_token_id])[:max_tokens]} for e, r in zip(examples, ids) if r]
+    log(f"[hpt] {sum(len(r) >= max_tokens for r in ids)} demonstrations cut to --max-new-tokens {max_tokens} (no "
+        f"EOS, as the code), {len(examples) - len(out)} questions without one dropped")
     if not out:
-        raise common.UserError("no question has a demonstration shorter than --max-new-tokens: raise it or check "
-                               "--response-column")
+        raise common.UserError("no question has a demonstration: check --response-column")
     return out
 
 
