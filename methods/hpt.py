@@ -19,7 +19,6 @@ Differs from grpo.py by:
   L_max, demonstration and entropy token means per micro-batch: a demonstration token weighs by how many share its
   micro-batch, and the RL term is larger by the RL rows per micro-batch;
 - the official grad-norm skip (--skip-grad-norm 80, _optimizer_step); defaults of exp_scripts/train.sh.
-
 Official code (TsinghuaC3I/Unify-Post-Training, as the spec methods_c.md §1 read and ran it): hpt/verl/verl/mix_src/
 {mix_trainer.py select_on_off_ada_balance, mix_actor.py update_policy, _optimizer_step, mix_core_alg.py
 compute_sft_pure_loss}, verl/trainer/ppo/core_algos.py compute_policy_loss. Deviations: correct = reward > 0 (code:
@@ -312,8 +311,9 @@ def main():
         group_index = torch.arange(len(samples)) // G
         moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         adv = group_advantages(rewards, group_index, args.scale_rewards, args.adv_eps, batch_moments=moments)
-        # HPT: a gated question's rollouts leave the loss (emptied rows), its demonstration row enters it
-        gated = hpt_gate(rewards.view(-1, G), args.gate)  # (questions,)
+        gated = hpt_gate(rewards.view(-1, G), args.gate)  # HPT: gated rollouts leave the loss (emptied rows) ...
+        for s in [x for i, x in enumerate(samples) if gated[i // G]]:
+            s["gen_logp"] = s["gen_logp"] and []  # ... and the vLLM gap check; the demonstration row enters
         seqs = [(s["example"]["prompt_ids"], [] if gated[i // G] else s["completion"]) for i, s in enumerate(samples)]
         seqs += [(g[0]["example"]["prompt_ids"], g[0]["example"]["response_ids"] if gated[j] else [])
                  for j, g in enumerate(groups)]  # HPT: rows n_local.. are demonstration rows
