@@ -4,6 +4,7 @@ bad inputs, the paper recipe's dry run, end to end."""
 import functools
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -166,7 +167,7 @@ def test_gate_on_hand_made_rewards():
     assert hpt.hpt_gate(r, 2).tolist() == [True, True, True, False, False, True, True]  # LLaMA: <= 2 of 8
 
 
-@pytest.mark.parametrize("case,equal", [("global", True), ("global_clip", True), ("local", False)])
+@pytest.mark.parametrize("case,equal", [("global", True), ("local", False)])
 def test_ddp2_x_accum2_equals_full_batch(tmp_path, case, equal):
     out = tmp_path / "r.json"
     torchrun(REPO / "tests" / "_ddp_loss_worker.py", "hpt", case, out, timeout=300)
@@ -177,18 +178,29 @@ def test_ddp2_x_accum2_equals_full_batch(tmp_path, case, equal):
         assert rel > 1e-2, rel
 
 
-def test_paper_recipe_dry_run():
-    p = run_method("hpt", "--recipe", "paper", "--dry-run", timeout=120)
-    vals = {ln.split()[0]: ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
+def _main(monkeypatch, capsys, *argv):
+    """hpt.main() in this process (dry runs and refusals load nothing): (stdout, the SystemExit message or None)."""
+    monkeypatch.setattr(sys, "argv", ["hpt.py", *map(str, argv)])
+    try:
+        hpt.main()
+        code = None
+    except SystemExit as e:
+        code = str(e.code)
+    return capsys.readouterr().out, code
+
+
+def test_paper_recipe_dry_run(monkeypatch, capsys):
+    out, _ = _main(monkeypatch, capsys, "--recipe", "paper", "--dry-run")
+    vals = {ln.split()[0]: ln.split()[1] for ln in out.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
     spec = {"lr": "5e-06", "gate": "0", "sft_coef": "1.0", "num_generations": "8", "prompts_per_step": "128",
             "steps_per_generation": "2", "max_new_tokens": "8192", "max_prompt_length": "1024", "clip": "False",
             "scale_rewards": "'none'", "loss_agg": "'seq_mean_token_sum_norm'", "entropy_coef": "0.001",
             "max_grad_norm": "1.0", "skip_grad_norm": "80.0", "beta": "0.0", "max_steps": "500",
             "temperature": "1.0", "system_prompt": "''", "dataset": "'openr1_46k'"}
     assert {k: vals.get(k) for k in spec} == spec
-    assert "64 prompts, 576 sequences" in p.stdout  # 2 x (64 x 8 + 64 demos)
-    p = run_method("hpt", "--recipe", "math_1.5b", "--dry-run", timeout=120)
-    assert "sft_coef                 0.3" in p.stdout and "Qwen/Qwen2.5-Math-1.5B" in p.stdout
+    assert "64 prompts, 576 sequences" in out  # 2 x (64 x 8 + 64 demos)
+    out, _ = _main(monkeypatch, capsys, "--recipe", "math_1.5b", "--dry-run")
+    assert "sft_coef                 0.3" in out and "Qwen/Qwen2.5-Math-1.5B" in out
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -198,10 +210,10 @@ def test_paper_recipe_dry_run():
     (["--skip-grad-norm", "0"], "--skip-grad-norm 0.0: must be > 0"),
     (["--eps-high", "0.28"], "--eps-high acts only with --clip"),
 ])
-def test_bad_inputs(tmp_path, flags, message):
-    p = run_method("hpt", *flags, "--output-dir", tmp_path / "out", "--quiet", check=False, timeout=120)
-    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+def test_bad_inputs(monkeypatch, capsys, tmp_path, flags, message):
+    """Refused with one `error:` line before anything is loaded."""
+    _, code = _main(monkeypatch, capsys, *flags, "--output-dir", tmp_path / "out", "--quiet")
+    assert code is not None and code.startswith("error:") and message in code and "\n" not in code, code
 
 
 def _run(tmp_path, *flags):
