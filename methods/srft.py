@@ -149,7 +149,7 @@ RECIPES = {
     # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
     # fell to 0.31)
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
-                     prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7),
+                     prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7),  # SRFT (7 + 1 per group), measured over 150 steps: greedy 0.164 -> 0.191 (best 0.211), mean@4 0.107 -> 0.115
 }
 
 
