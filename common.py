@@ -726,11 +726,13 @@ class MetricsLogger:
                 finish()
 
 
-def optimizer_step(model, optimizer, scheduler, step, loss, max_grad_norm, skip_nonfinite):
+def optimizer_step(model, optimizer, scheduler, step, loss, max_grad_norm, skip_nonfinite, skip_above=None):
     """Clip the gradient norm, step the optimizer and the schedule unless the loss or the norm is not finite (then
-    `nonfinite` stops the run, or skips the step with --skip-nonfinite), zero the gradients. Returns (norm, stepped)."""
+    `nonfinite` stops the run, or skips the step with --skip-nonfinite) or the norm before clipping exceeds
+    skip_above (HPT's skip); zero the gradients. Returns (norm, stepped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     skipped = nonfinite(step, {"loss": float(loss), "grad_norm": float(grad_norm)}, skip_nonfinite)
+    skipped = skipped or (skip_above is not None and float(grad_norm) > skip_above)
     if not skipped:
         optimizer.step()
         if scheduler is not None:

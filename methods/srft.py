@@ -69,7 +69,7 @@ class Args:
     reward_weights: Optional[str] = None  # comma-separated weights of the --reward entries (TRL reward_weights); default 1 each
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
-    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/srft.py
+    recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
     preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
@@ -107,7 +107,7 @@ class Args:
     gradient_checkpointing: bool = False  # recompute activations in backward
     fast_paths: bool = True  # RMSNorm kernel + padding-free passes, probe-checked (kernels/engine.py); off: the model as loaded
     trust_remote_code: bool = False  # let transformers run a model repository's own code
-    output_dir: str = "runs/srft"  # metrics.jsonl, config.json, checkpoints
+    output_dir: Optional[str] = None  # metrics.jsonl, config.json, checkpoints (default: runs/<this file's name>)
     eval_every: int = 25  # rollout steps between held-out evaluations (0: only at start and end)
     save_every: int = 100  # rollout steps between checkpoints (0: only the final model)
     keep_last: Optional[int] = 2  # checkpoints to keep
@@ -140,6 +140,9 @@ PRESETS = {
                     source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
+    "gppo": dict(clip_mode="gppo", eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
+                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629) recipe/dapo/"
+                 "perf_run_dapo_ours_math.sh: loss_func gppo, clip_ratio 0.2/0.28, clip_ratio_c 10, token-mean, no KL"),
 }
 RECIPES = {
     "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
@@ -155,12 +158,13 @@ RECIPES = {
 
 def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, entropy=None, eps_low=0.2,
               eps_high=0.2, dual_clip=None, log_ratio_clamp=20.0, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
-              loss_agg="token_mean", max_len=None):
+              loss_agg="token_mean", max_len=None, clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
     """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,) or (B, T).
     normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step, all ranks, / world size (tokens for
     token_mean, sequences otherwise); max_len: the constant L_max of seq_mean_token_sum_norm. Returns (loss, metrics)."""
     per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, log_ratio_clamp,
-                                     mask=mask)  # (B, T)
+                                     mask=mask, clip_mode=clip_mode, gppo_beta_low=gppo_beta_low,
+                                     gppo_beta_high=gppo_beta_high)  # (B, T)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
         per_tok = per_tok + beta * kl
@@ -249,7 +253,7 @@ def main():
     print(f"[srft] mean reward of the demonstrations: {reward_fn.metrics()}")  # (and the reward sums reset)
     evalset = data.tokenize_examples(tokenizer, eval_rows, args.max_prompt_length, args.system_prompt, False, print, heldout=True)
     G = args.num_generations
-    n_local = common.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
+    n_local = rollout.rollout_batch(args, d.world_size)  # completions per rank and rollout step (checked)
 
     # 2. models: policy (fused log-prob head), frozen reference only when beta > 0, generator
     lm = data.load_model(model_path, args.dtype, args.trust_remote_code, args.gradient_checkpointing, d.device)
@@ -268,10 +272,10 @@ def main():
         start, tokens_seen = state["step"], state["tokens"]
         if engine:
             engine.push(model)
-    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, vars(args))
-    log.print(f"[srft] {len(train)} prompts, {len(evalset)} held-out, G={G}, world size {d.world_size}, "
+    log = common.MetricsLogger(out, d, args.max_steps, start, args.quiet, args.report_to, args)
+    log.print(f"[{log.name}] {len(train)} prompts, {len(evalset)} held-out, G={G}, world size {d.world_size}, "
               f"start step {start}" + (f" (resumed from {ckpt.name})" if ckpt else ""))
-    log.print(f"[srft] {fused.summary}")
+    log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = engine is not None  # SRFT: no ratio uses pi_old; only the vLLM gap check needs it
 
@@ -352,28 +356,21 @@ def main():
                     with common.no_sync(model, micro == len(mbs) - 1), autocast:
                         o = model(b["input_ids"], b["attention_mask"], b["loss_mask"], args.temperature, True)
                         old = b["old_logp"] if recompute_old else o["logp"].detach()
-                        loss, m = srft_loss(o["logp"], old, b["advantages"], b["loss_mask"], normalizer,
-                                            is_expert=b["is_expert"], expert_normalizer=expert_normalizer,
-                                            token_normalizer=token_normalizer, entropy=o["entropy"],
-                                            correct=b["correct"], w_sft_scale=args.w_sft_scale,
-                                            w_pos_scale=args.w_pos_scale, demo_rl=args.demo_rl, eps_low=args.eps_low,
-                                            eps_high=args.eps_high, shaping_gamma=args.shaping_gamma,
-                                            entropy_weights=args.entropy_weights, ref_logp=b.get("ref_logp"),
-                                            beta=args.beta, kl_estimator=args.kl_estimator,
-                                            entropy_coef=args.entropy_coef, loss_agg=args.loss_agg,
-                                            max_len=args.max_new_tokens)
+                        loss, m = srft_loss(
+                            o["logp"], old, b["advantages"], b["loss_mask"], normalizer, ref_logp=b.get("ref_logp"),
+                            entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                            loss_agg=args.loss_agg, kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef,  # SRFT: no ratio
+                            max_len=args.max_new_tokens, is_expert=b["is_expert"], expert_normalizer=expert_normalizer,  # SRFT
+                            token_normalizer=token_normalizer, correct=b["correct"], w_sft_scale=args.w_sft_scale,
+                            w_pos_scale=args.w_pos_scale, demo_rl=args.demo_rl, shaping_gamma=args.shaping_gamma,
+                            entropy_weights=args.entropy_weights)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
                         stats[key] = stats.get(key, 0.0) + v.detach() / len(mbs)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm, _ = common.optimizer_step(model, optimizer, scheduler, step, loss.detach(),
+                                                     args.max_grad_norm, args.skip_nonfinite)  # clip, then step
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm
-                bad = common.nonfinite(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)},
-                                       args.skip_nonfinite)
-                if not bad:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 n_opt += 1
         # 7. push the new weights into the generator
         if engine:
@@ -381,25 +378,19 @@ def main():
 
         # 8. log, evaluate, checkpoint
         tokens_seen += int(full["attention_mask"].sum())
-        lengths = torch.tensor([float(len(s["completion"])) for s in samples])
-        std_g = torch.cat([rewards.view(-1, G), demo_r[:, None]], 1).std(1)  # SRFT: the group holds the demo
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
-        metrics.update({"train/reward": rewards.mean(), "train/reward_std": rewards.std() if len(rewards) > 1 else 0.0,
-                        "train/frac_zero_std_groups": (std_g == 0).float().mean(),
-                        "train/completion_length": lengths.mean(), "train/demo_reward": demo_r.mean(),
-                        "train/frac_truncated": 1 - torch.tensor([float(s["finished"]) for s in samples]).mean(),
-                        "perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
-        if engine is not None and samples[0]["gen_logp"] is not None:  # a growing gap means a broken weight sync
-            gap = [abs(a - b) for s, row in zip(samples, full["old_logp"])
-                   for a, b in zip(s["gen_logp"], row[len(s["example"]["prompt_ids"]):].tolist())]
-            metrics["train/vllm_logp_gap"] = sum(gap) / max(len(gap), 1)
+        metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics.update({"train/demo_reward": demo_r.mean(),  # SRFT: the group holds the demonstration
+                        "train/frac_zero_std_groups": (torch.cat([rewards.view(-1, G), demo_r[:, None]], 1).std(1)
+                                                       == 0).float().mean()})
         metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if step == args.max_steps or args.eval_every and step % args.eval_every == 0:  # what the model writes
-            log.completions(step, tokenizer, samples, adv)
+            rollout.log_completions(log, step, tokenizer, samples, adv)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
             run_eval(step)
         if args.save_every and step % args.save_every == 0:
@@ -410,7 +401,7 @@ def main():
     acc = run_eval(args.max_steps)
     common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
-    log.print(f"[srft] done: {common.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
+    log.print(f"[{log.name}] done: {rollout.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()
     del model, optimizer, engine
     common.cleanup_distributed()
