@@ -73,8 +73,9 @@ def _resolve_tables(values, explicit, tables):
         return [*(entry(key, table, e["base"]) if "base" in e else []),
                 *((k, v, f"{key} {choice}" + (f": {s}" if s else "")) for k, v, s in own)]
     for key, table in tables.items():
-        if values.get(key) == "auto":  # a table may pick its entry from the other values, e.g. the embedded recipe
-            values[key] = table["auto"](values)
+        if values.get(key) == "auto":  # --recipe auto: the embedded recipe for an embedded model, else none
+            embedded = str(values.get("model", "")).startswith("embedded") and "embedded" in table
+            values[key] = table["auto"](values) if "auto" in table else "embedded" if embedded else None
         for other, v, src in entry(key, table, values.get(key)):
             if other in tables and other not in explicit:  # an entry may choose another table's (a recipe, its preset)
                 values[other], sources[other] = v, src
@@ -665,16 +666,16 @@ class MetricsLogger:
                 print(f"[log] --report-to {t}: {t} is not installed (pip install {t}); logging to metrics.jsonl "
                       "without it")
 
-    def log(self, step, metrics, advance=0):
+    def log(self, step, metrics, advance=0):  # returns the metrics it was given
         if not self.d.is_main or not metrics:
-            return
-        metrics = dict(metrics)
+            return metrics
+        given, metrics = metrics, dict(metrics)
         self._zero_signal(step, metrics)
         rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         if (step, _row_kind(rec)) in self.logged:  # already in the file from before a resume: write nothing twice
             if self.bar:
                 self.bar.update(advance)
-            return
+            return given
         self.logged.add((step, _row_kind(rec)))
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -692,6 +693,7 @@ class MetricsLogger:
                 "train/loss", "train/reward", "eval/accuracy")}
             if short:
                 self.bar.set_postfix(short)
+        return given
 
     def _zero_signal(self, step, metrics):
         """Count consecutive steps where every group's rewards were equal (no advantage, grad_norm 0 from the RL

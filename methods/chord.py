@@ -75,7 +75,7 @@ class Args:
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
-    preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
+    preset: Optional[str] = None  # the paper's combination of the flags below (an entry of PRESETS)
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
     prompts_per_step: int = 32  # prompts per rollout step, all ranks (mix_chord.yaml: 32 x 8 = 256 on-policy)
@@ -97,6 +97,9 @@ class Args:
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = 3.0  # cap -A*c where A<0 (Trinity clip_ratio_c; the CHORD-era code had none: inf)
     log_ratio_clamp: Optional[float] = None  # |log pi/pi_old| cap before exp (CHORD-era Trinity-RFT: none; verl 20)
+    clip_mode: Literal["ppo", "gppo"] = "ppo"  # gppo: clipped tokens keep a bounded gradient (Klear-Reasoner GPPO, KlearReasoner core_algos.py compute_gppo_loss)
+    gppo_beta_low: float = 1.0  # GPPO beta1: gradient scale of A<0, ratio<1-eps_low tokens (Klear README: beta1 = beta2 = 1 for Klear-Reasoner-8B; yaml gppo_loss_beta1 0.25)
+    gppo_beta_high: float = 1.0  # GPPO beta2: gradient scale of A>0, ratio>1+eps_high tokens (Klear README, compute_gppo_loss_general_beta)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"  # TRL default (DAPO's); GRPO paper: seq_mean_token_mean; Dr. GRPO: seq_mean_token_sum_norm
@@ -143,6 +146,8 @@ PRESETS = {
                     source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
+    "gppo": dict(clip_mode="gppo", eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
+                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629): clip 0.2/0.28, c 10, no KL"),
 }
 VARIANTS = {  # Trinity examples/mix_chord/mix_chord.yaml comments; the paper as summarised (spec §2)
     "mu": dict(mu_warmup_steps=0, mu_decay_steps=200, mu_peak=0.9, mu_valley=0.05, sft_weighting="none",
@@ -152,15 +157,10 @@ VARIANTS = {  # Trinity examples/mix_chord/mix_chord.yaml comments; the paper as
 }
 _UNIT, _STEPS = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v >= 0, ">= 0")
 RANGES = {"mu_peak": _UNIT, "mu_valley": _UNIT, "mu_warmup_steps": _STEPS, "mu_decay_steps": _STEPS,  # CHORD flags
-          "expert_data_ratio": (lambda v: 0 < v < 1, "in (0, 1): the expert fraction of each step's samples (0 is "
-                                "plain GRPO: use methods/grpo.py)")}
+          "expert_data_ratio": (lambda v: 0 < v < 1, "in (0, 1) (0 is plain GRPO: use methods/grpo.py)")}
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
-    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.188 -> 0.207, mean@4 0.140 -> 0.177; from stronger
-    # warm starts, 0.289 -> 0.359, and 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's
-    # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
-    # fell to 0.31)
+    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7 (at T 1.0 the tiny model's
+    # sampling tail held the reward down), lr 5e-5 after a 10-step warmup (1e-4 was noisier, 2e-4 fell), 150 steps
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
                      mu_decay_steps=150),  # CHORD demo setting: the mu variant decays within the 150-step run (paper 200)
@@ -169,12 +169,13 @@ RECIPES = {
 
 def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, entropy=None, eps_low=0.2,
               eps_high=0.2, dual_clip=None, log_ratio_clamp=20.0, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
-              loss_agg="token_mean", max_len=None):
+              loss_agg="token_mean", max_len=None, clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
     """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,) or (B, T).
     normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step, all ranks, / world size (tokens for
     token_mean, sequences otherwise); max_len: the constant L_max of seq_mean_token_sum_norm. Returns (loss, metrics)."""
     per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, log_ratio_clamp,
-                                     mask=mask)  # (B, T)
+                                     mask=mask, clip_mode=clip_mode, gppo_beta_low=gppo_beta_low,
+                                     gppo_beta_high=gppo_beta_high)  # (B, T)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
         per_tok = per_tok + beta * kl
@@ -187,13 +188,12 @@ def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, en
 
 def chord_loss(logp, old_logp, advantages, mask, normalizer, *, is_expert, expert_normalizer, mu, sft_weighting="phi",
                ref_logp=None, entropy=None, eps_low=0.2, eps_high=0.2, dual_clip=3.0, log_ratio_clamp=None, beta=0.0,
-               kl_estimator="k3", entropy_coef=0.0, loss_agg="token_mean", max_len=None):
-    """One batch holding both kinds of rows. logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,);
-    is_expert: (B,) bool, True on expert (teacher-forced demonstration) rows. Expert rows never reach the PPO branch
-    (their old_logp and advantages are ignored); on-policy rows never reach the SFT branch.
-    normalizer: grpo_loss's count over the ON-POLICY rows of the optimizer step (tokens for the default token mean),
-    all ranks, / world size; expert_normalizer: EXPERT tokens of the step, all ranks, / world size.
-    Returns (loss, metrics): (1 - mu) L_GRPO + mu L_SFT, line (a) of the docstring."""
+               kl_estimator="k3", entropy_coef=0.0, loss_agg="token_mean", max_len=None,
+               clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
+    """(1 - mu) L_GRPO + mu L_SFT (line (a)) on one batch of both kinds of rows: is_expert (B,) marks the expert
+    (teacher-forced demonstration) rows, which never reach the PPO branch, as on-policy rows never reach the SFT one.
+    logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). normalizer: grpo_loss's count over the
+    on-policy rows of the step; expert_normalizer: expert tokens of the step (all ranks, / world size)."""
     on = mask * (~is_expert)[:, None].float()  # (B, T) on-policy tokens
     ex = mask * is_expert[:, None].float()  # (B, T) expert tokens
     old = torch.where(is_expert[:, None], logp.detach(), old_logp)  # (B, T) expert rows: ratio 1, masked out anyway
@@ -201,7 +201,8 @@ def chord_loss(logp, old_logp, advantages, mask, normalizer, *, is_expert, exper
     l_grpo, metrics = grpo_loss(logp, old, adv, on, normalizer, ref_logp=ref_logp, entropy=entropy, eps_low=eps_low,
                                 eps_high=eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, beta=beta,
                                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-                                max_len=max_len)
+                                max_len=max_len,
+                                clip_mode=clip_mode, gppo_beta_low=gppo_beta_low, gppo_beta_high=gppo_beta_high)
     p = logp.detach().exp()  # (B, T) current probability of the expert token, no gradient through the weight
     w = {"none": torch.ones_like(p), "phi": p * (1 - p), "is": p}[sft_weighting]  # (b) phi(p) = p(1 - p), no gradient
     l_sft = aggregate(-w * logp, ex, "token_mean", expert_normalizer)  # token mean over the expert tokens of the step
@@ -289,10 +290,8 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine))
 
     if start == 0:
         run_eval(0)
@@ -373,7 +372,9 @@ def main():
                             dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
                             is_expert=b["is_expert"], expert_normalizer=expert_normalizer, mu=mu,  # CHORD
-                            sft_weighting=args.sft_weighting)
+                            sft_weighting=args.sft_weighting,
+                            clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
+                            gppo_beta_high=args.gppo_beta_high)
                         loss.backward()
                     on = b["loss_mask"] * (~b["is_expert"])[:, None]  # CHORD: entropy of the on-policy tokens
                     m["entropy"] = (o["entropy"].detach() * on).sum() / on.sum().clamp(min=1)
@@ -391,9 +392,8 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
-        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen, **reward_fn.metrics()})
         metrics["train/mu"] = mu  # CHORD
-        metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})

@@ -101,7 +101,6 @@ class Args:
 
 
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # sft.py's steps and batch from the SFT warm start: from random init (p ~ 1/83) DFT locks onto the easy tokens
     # and drops the digits (nll 4.5 -> 8 at lr 3e-3, accuracy 0); at lr 1e-3 even the warm start drifts (39% -> 7%)
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
@@ -180,10 +179,9 @@ def main():
     log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged with sample completions
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log,
+                                                  step=step))
 
     if start == 0:
         run_eval(0)

@@ -72,7 +72,7 @@ class Args:
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
-    preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
+    preset: Optional[str] = None  # the paper's combination of the flags below (an entry of PRESETS)
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
     prompts_per_step: int = 128  # prompts per rollout step, all ranks (HPT train.sh train_batch_size)
@@ -95,6 +95,9 @@ class Args:
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
     log_ratio_clamp: Optional[float] = None  # |log pi/pi_old| cap before exp (HPT compute_policy_loss: none; verl 20)
+    clip_mode: Literal["ppo", "gppo"] = "ppo"  # gppo: clipped tokens keep a bounded gradient (Klear-Reasoner GPPO, KlearReasoner core_algos.py compute_gppo_loss)
+    gppo_beta_low: float = 1.0  # GPPO beta1: gradient scale of A<0, ratio<1-eps_low tokens (Klear README: beta1 = beta2 = 1 for Klear-Reasoner-8B; yaml gppo_loss_beta1 0.25)
+    gppo_beta_high: float = 1.0  # GPPO beta2: gradient scale of A>0, ratio>1+eps_high tokens (Klear README, compute_gppo_loss_general_beta)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # HPT loss_remove_token_mean: token sum / L_max
@@ -137,17 +140,12 @@ PRESETS = {
                     source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
-    "gppo": dict(clip_mode="gppo", eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
-                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629) recipe/dapo/"
-                 "perf_run_dapo_ours_math.sh: loss_func gppo, clip_ratio 0.2/0.28, clip_ratio_c 10, token-mean, no KL"),
+    "gppo": dict(clip_mode="gppo", clip=True, eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
+                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629): clip 0.2/0.28, c 10, no KL"),
 }
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
-    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.188 -> 0.207, mean@4 0.140 -> 0.177; from stronger
-    # warm starts, 0.289 -> 0.359, and 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's
-    # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
-    # fell to 0.31)
+    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7 (at T 1.0 the tiny model's
+    # sampling tail held the reward down), lr 5e-5 after a 10-step warmup (1e-4 was noisier, 2e-4 fell), 150 steps
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
                      steps_per_generation=1, sft_coef=0.3, scale_rewards="group"),  # HPT demo (the 1.5B script's coef), measured over 150 steps: greedy 0.164 -> 0.188, mean@4 0.107 -> 0.104; sft_coef 1 without std: 0.156, 0.100 (both noise-level)
@@ -176,7 +174,8 @@ def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, en
 def hpt_loss(logp, old_logp, advantages, mask, normalizer, *, is_expert, expert_normalizer, token_normalizer,
              sft_coef=1.0, sft_agg="token_mean", entropy=None, entropy_coef=0.001, clip=False, eps_low=0.2,
              eps_high=0.2, dual_clip=None, log_ratio_clamp=None, ref_logp=None, beta=0.0, kl_estimator="k3",
-             loss_agg="seq_mean_token_sum_norm", max_len=None):
+             loss_agg="seq_mean_token_sum_norm", max_len=None,
+             clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
     """Rollout rows (RL) and demonstration rows (is_expert: (B,) bool) in one batch; logp, old_logp, ref_logp, entropy,
     mask: (B, T); advantages: (B,). normalizer: grpo_loss's count over the RL rows of the optimizer step, all ranks, /
     world size; expert_normalizer, token_normalizer: the demonstration tokens and all tokens, the same way.
@@ -193,7 +192,8 @@ def hpt_loss(logp, old_logp, advantages, mask, normalizer, *, is_expert, expert_
         eps_low, eps_high, dual_clip = math.inf, math.inf, None
     l_rl, metrics = grpo_loss(logp, old, adv, on, normalizer, ref_logp=ref_logp, eps_low=eps_low, eps_high=eps_high,
                               dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, beta=beta,
-                              kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=max_len)
+                              kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=max_len,
+                              clip_mode=clip_mode, gppo_beta_low=gppo_beta_low, gppo_beta_high=gppo_beta_high)
     l_sft = aggregate(-logp, ex, "token_mean", expert_normalizer)  # 0 without demonstration tokens
     loss = l_rl + sft_coef * l_sft
     if entropy_coef:  # bonus over every token (verl: masked_mean(entropy, response_mask) of all rows)
@@ -275,10 +275,8 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine))
 
     if start == 0:
         run_eval(0)
@@ -359,7 +357,9 @@ def main():
                             dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
                             is_expert=b["is_expert"], expert_normalizer=expert_normalizer, token_normalizer=token_normalizer,
-                            sft_coef=args.sft_coef, sft_agg=args.sft_agg, clip=args.clip)  # HPT
+                            sft_coef=args.sft_coef, sft_agg=args.sft_agg, clip=args.clip,  # HPT
+                            clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
+                            gppo_beta_high=args.gppo_beta_high)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
@@ -379,10 +379,9 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
-        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen, **reward_fn.metrics()})
         metrics.update({"train/frac_gated": gated.float().mean(),  # HPT: questions trained on the demonstration
                         "train/frac_zero_std_groups": ((rewards.view(-1, G).std(1) == 0) & ~gated).float().mean()})
-        metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})

@@ -114,7 +114,6 @@ RANGES = {"num_samples": (lambda v: v >= 1, ">= 1 (draws per position; paper 256
           "beta": (lambda v: v < 1, "below 1, the reward of the ground truth (here the reward of a wrong draw, "
                                     "e.g. -0.1; not a KL coefficient)")}
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # sft.py's steps and batch, from the SFT warm start at dft.py's lr: OTR's expected gradient weights the ground
     # truth by pi'(y_t) (at kappa = 1 it is DFT's), so like DFT it needs a prior (see dft.py)
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
@@ -190,10 +189,9 @@ def main():
     log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged with sample completions
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log,
+                                                  step=step))
 
     if start == 0:
         run_eval(0)

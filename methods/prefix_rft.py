@@ -4,9 +4,8 @@ A diff of grpo.py: only the rollout group, the advantage of prefix tokens and th
 For each prompt q with demonstration y*, the group holds G-1 ordinary rollouts o_i ~ pi_old(.|q) and one hybrid
     o_G = y*_{<L} (+) y_c,   y_c ~ pi_old(.|q, y*_{<L}),   L = clip(int(l |y*|), min_len, |y*| - 1)
     l = low_t + (high - low_t) Beta(1, 1),   low_t = cosine from 0.95 to 0.05 over --prefix-decay-steps, high 0.95
-All G share one Dr. GRPO advantage A_i = R_i - mean_G R. The loss is dual-clip PPO on every token (prefix tokens
-included, pi_old the student's), but a prefix token keeps its advantage only among the top 20% highest-entropy
-prefix tokens (the others get A = 0):
+All G share one Dr. GRPO advantage A_i = R_i - mean_G R; dual-clip PPO on every token (pi_old the student's), but
+a prefix token keeps its advantage only among the top 20% highest-entropy prefix tokens (the others get A = 0):
     l_it = max(-A_it r_it, -A_it clip(r_it, 1-eps, 1+eps)),  and min(l_it, -c A_it) where A_it < 0  (c = 3)
     L = (1/B) sum_i sum_t l_it / L_max - 0.001 * (sum_it H_it / #tokens)  (Dr. GRPO aggregation; entropy token mean)
 
@@ -14,8 +13,7 @@ Differs from grpo.py by:
 - rollout: G-1 completions + --num-prefix hybrids per prompt, built in token space: the demonstration's first L
   tokens (response_ids) follow the templated prompt and the policy continues (rollout.generate, n=1); the loss covers
   prefix + continuation, cut to --max-new-tokens (official post_process_gen_batch), `prefix_mask` marks the prefix;
-- `sample_prefix_len`: a pure function of (step, seed, sample key) with its own RNG (reproducible, resumable);
-  `prefix_low` is the official CosineDecayController;
+- `sample_prefix_len`: a pure function of (step, seed, sample key), reproducible and resumable; `prefix_low`;
 - prefix_rft_loss: entropy clipping of prefix advantages (`entropy_keep_mask`), then grpo's PPO loss; the entropy
   bonus is a token mean over the step whatever --loss-agg is (official dp_actor.py agg_loss "token-mean");
 - old log-probs of prefix tokens are the student's (grpo.py's rule), never the expert's; --log-ratio-clamp off;
@@ -25,7 +23,6 @@ Checked against ZeroYuHuang/prefix_rft @ 5f5d2a1 (the paper via secondary notes,
 Choices: n prefix tokens in scope -> the int(n * 0.8) lowest-entropy get A = 0 (official `split_point`); scope "batch"
 pools the micro-batch as the official code (so it depends on the split), "sequence" each hybrid. The prefix is the
 demonstration's own tokens (official: re-encoded text). Not shipped: --min-prefix-len (1), the horizon (--max-steps).
-Dr. GRPO aggregation in the paper's form (official `dr_grpo`: / a configured token count, absorbed by the lr).
 
 Run:
     python methods/prefix_rft.py                    # from a weak SFT warm start of the embedded tiny model (CPU)
@@ -72,7 +69,7 @@ class Args:
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
-    preset: Optional[Literal["grpo", "dr_grpo", "dapo"]] = None  # the paper's combination of the flags below
+    preset: Optional[str] = None  # the paper's combination of the flags below (an entry of PRESETS)
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
     prompts_per_step: int = 16  # prompts per rollout step, all ranks (Dr. GRPO: 16 x 8 = 128 rollouts)
@@ -94,6 +91,9 @@ class Args:
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = 3.0  # cap -A*c on the loss where A<0 (prefix_rft core_algos clip_ratio_c 3.0)
     log_ratio_clamp: Optional[float] = None  # |log pi/pi_old| cap before exp (prefix_rft core_algos: none; verl 20)
+    clip_mode: Literal["ppo", "gppo"] = "ppo"  # gppo: clipped tokens keep a bounded gradient (Klear-Reasoner GPPO, KlearReasoner core_algos.py compute_gppo_loss)
+    gppo_beta_low: float = 1.0  # GPPO beta1: gradient scale of A<0, ratio<1-eps_low tokens (Klear README: beta1 = beta2 = 1 for Klear-Reasoner-8B; yaml gppo_loss_beta1 0.25)
+    gppo_beta_high: float = 1.0  # GPPO beta2: gradient scale of A>0, ratio>1+eps_high tokens (Klear README, compute_gppo_loss_general_beta)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # Dr. GRPO's sum / L_max (Prefix-RFT paper, spec §3)
@@ -142,14 +142,12 @@ PRESETS = {
                     source="Dr. GRPO §3.2, oat code"),
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
+    "gppo": dict(clip_mode="gppo", eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
+                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629): clip 0.2/0.28, c 10, no KL"),
 }
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
-    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.188 -> 0.207, mean@4 0.140 -> 0.177; from stronger
-    # warm starts, 0.289 -> 0.359, and 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's
-    # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
-    # fell to 0.31)
+    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7 (at T 1.0 the tiny model's
+    # sampling tail held the reward down), lr 5e-5 after a 10-step warmup (1e-4 was noisier, 2e-4 fell), 150 steps
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
                      prefix_decay_steps=150),  # Prefix-RFT: a demo horizon (the paper's is unknown)
@@ -159,7 +157,8 @@ RECIPES = {
 def prefix_rft_loss(logp, old_logp, advantages, mask, normalizer, *, prefix_mask, entropy, token_normalizer=None,
                     ref_logp=None, eps_low=0.2, eps_high=0.2, dual_clip=3.0, log_ratio_clamp=None, beta=0.0,
                     kl_estimator="k3", entropy_coef=0.001, loss_agg="seq_mean_token_sum_norm", max_len=None,
-                    entropy_mask_ratio=0.8, entropy_scope="batch"):
+                    entropy_mask_ratio=0.8, entropy_scope="batch",
+                    clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
     """logp, old_logp, ref_logp, entropy, mask, prefix_mask (1 on demonstration-prefix tokens): (B, T); advantages:
     (B,). entropy: of the current pass (its gradient feeds the bonus; the selection uses it detached). normalizer: as
     grpo_loss; token_normalizer: loss tokens of the step, all ranks, / world size (the entropy bonus is a token mean
@@ -170,7 +169,8 @@ def prefix_rft_loss(logp, old_logp, advantages, mask, normalizer, *, prefix_mask
     adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(logp)  # (B, T) trajectory advantage on every token
     adv = torch.where(prefix & ~keep, 0.0, adv)  # entropy clipping: low-entropy prefix tokens get A = 0
     per_tok, metrics = ppo_clip_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, log_ratio_clamp,
-                                     mask=mask)  # (B, T)
+                                     mask=mask, clip_mode=clip_mode, gppo_beta_low=gppo_beta_low,
+                                     gppo_beta_high=gppo_beta_high)  # (B, T)
     metrics["prefix_frac"] = prefix.sum() / mask.sum().clamp(min=1)  # share of loss tokens from demonstrations
     metrics["prefix_kept_frac"] = (keep & prefix).sum() / prefix.sum().clamp(min=1)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
@@ -282,10 +282,8 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine))
 
     if start == 0:
         run_eval(0)
@@ -371,7 +369,9 @@ def main():
                             dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
                             prefix_mask=b["prefix_mask"], token_normalizer=token_normalizer,  # Prefix-RFT
-                            entropy_mask_ratio=args.entropy_mask_ratio, entropy_scope=args.entropy_scope)
+                            entropy_mask_ratio=args.entropy_mask_ratio, entropy_scope=args.entropy_scope,
+                            clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
+                            gppo_beta_high=args.gppo_beta_high)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
@@ -389,10 +389,9 @@ def main():
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None,
                                                skip=[s["prefix_len"] for s in samples]))  # Prefix-RFT
-        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen, **reward_fn.metrics()})
         metrics.update({"train/hybrid_reward": rewards.view(-1, G)[:, G - H:].mean(),  # Prefix-RFT
                         "train/prefix_low": prefix_low(step - 1, args.prefix_low_start, args.prefix_low_end, horizon)})
-        metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})

@@ -2,9 +2,8 @@
 (arXiv 2506.07527, ICLR 2026). A diff of grpo.py: GRPO as released, plus a buffer of the hardest questions (every
 rollout failed) with their demonstrations; whenever it holds M, one fine-tuning step on the newest M.
 
-Objective (TheRoadQaQ/ReLIFT relift/verl/verl/relift/{trainer.py, actor.py, core_algos.py}; the paper via summaries):
-    RL step, as released:   L_RL = sum_{i,t} -A_i r_it / (T_max x sequences) - c_H mean_t H_t
-                            r_it = pi_theta / pi_old (no clip: loss_remove_clip=True), A_i = R_i - mean_G R (no std)
+Objective (ReLIFT's trainer.py, actor.py, core_algos.py; the paper via summaries), A_i = R_i - mean_G R (no std):
+    RL step, as released:   L_RL = sum_{i,t} -A_i r_it / (T_max x sequences) - c_H mean_t H_t   (no clip)
     hardest questions:      B <- [(q, y*_q) for q with sum_{i<=G} R_i(q) = 0] + B        (newest first)
     fine-tuning, |B| >= M:  L_FT = -(1/|S|) sum_{s in S} log pi_theta(s) - alpha (1/|S|) sum_{s in S} H(pi_theta(.|s<))
                             on the newest M demonstrations' tokens S (+ EOS), one step of a SEPARATE AdamW
@@ -19,10 +18,9 @@ Differs from grpo.py by:
   buffer (indices gathered by one all-reduce), so all fire together, each on its share of the M examples; the buffer
   and both optimizers are checkpointed and restored by --resume.
 
-Checked against TheRoadQaQ/ReLIFT @ eb95454 (trainer.py, actor.py, core_algos.py, train.sh). Deviations: the PG sum
-/ (T_max x sequences of the step) (verl: / T_max per micro-batch, averaged: larger by the micro-batch size, which
-matters only through the grad clip); the fine-tuning loss is a token mean over the step and all ranks (the code's is
-1/dp of that under DDP); "all failed" is max reward <= 0 (code: == 0). alpha: the code's 1e-3 (paper: 1e-4 best).
+Checked against TheRoadQaQ/ReLIFT @ eb95454. Deviations: the PG sum / (T_max x sequences of the step) (verl: / T_max
+per micro-batch, then averaged); the fine-tuning loss is a token mean over the step and all ranks (the code's is
+1/dp of that under DDP); "all failed" is max reward <= 0 (code: = 0). alpha: the code's 1e-3 (paper: 1e-4 best).
 
 Run:
     python methods/relift.py                        # from a weak SFT warm start of the embedded tiny model (CPU)
@@ -68,7 +66,7 @@ class Args:
     answer_format: Literal["auto", "boxed", "answer_line", "hash", "last_number"] = "auto"  # where a completion's answer is read: last \boxed{}, last 'Answer:' line (DAPO), after '#', last number; auto: the dataset's (embedded: hash, presets: boxed or answer_line), for your own file boxed, else Answer:, else #, else last number
     generator: Literal["hf", "vllm"] = "hf"  # Hugging Face generate, or a colocated vLLM engine per rank
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
-    preset: Optional[Literal["grpo", "dr_grpo", "dapo", "relift_paper"]] = None  # a paper's combination of flags
+    preset: Optional[str] = None  # the paper's combination of the flags below (an entry of PRESETS)
     # --- rollout and optimisation ---
     max_steps: int = 200  # rollout steps (each: generate, then --steps-per-generation optimizer steps)
     prompts_per_step: int = 128  # prompts per rollout step, all ranks (ReLIFT train.sh train_batch_size)
@@ -91,6 +89,9 @@ class Args:
     eps_high: float = 0.2  # PPO clip, ratio <= 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip: Optional[float] = None  # cap -A*c on the loss where A<0 (off in TRL; verl clip_ratio_c 3.0)
     log_ratio_clamp: Optional[float] = None  # |log pi/pi_old| cap before exp (ReLIFT core_algos: none; verl 20)
+    clip_mode: Literal["ppo", "gppo"] = "ppo"  # gppo: clipped tokens keep a bounded gradient (Klear-Reasoner GPPO, KlearReasoner core_algos.py compute_gppo_loss)
+    gppo_beta_low: float = 1.0  # GPPO beta1: gradient scale of A<0, ratio<1-eps_low tokens (Klear README: beta1 = beta2 = 1 for Klear-Reasoner-8B; yaml gppo_loss_beta1 0.25)
+    gppo_beta_high: float = 1.0  # GPPO beta2: gradient scale of A>0, ratio>1+eps_high tokens (Klear README, compute_gppo_loss_general_beta)
     beta: float = 0.0  # KL coefficient (TRL default 0.0; DeepSeekMath 0.04)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # ReLIFT loss_remove_token_mean: sum / L_max
@@ -135,14 +136,12 @@ PRESETS = {
     "dapo": dict(scale_rewards="group", loss_agg="token_mean", eps_high=0.28, beta=0.0, dynamic_sampling=True,
                  overlong_buffer_ratio=0.2, source="DAPO §3: clip-higher, token-level loss, filtering, 4096 of 20480"),
     "relift_paper": dict(clip=True, scale_rewards="group", source="the ReLIFT paper writes clipped GRPO, std A"),
+    "gppo": dict(clip_mode="gppo", clip=True, eps_low=0.2, eps_high=0.28, dual_clip=10.0, scale_rewards="group",
+                 loss_agg="token_mean", beta=0.0, source="Klear-Reasoner (arXiv 2508.07629): clip 0.2/0.28, c 10, no KL"),
 }
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
-    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7, lr 5e-5 after a 10-step
-    # warmup, 150 steps (grpo.py, measured: greedy held-out 0.188 -> 0.207, mean@4 0.140 -> 0.177; from stronger
-    # warm starts, 0.289 -> 0.359, and 0.395 -> 0.469 at step 150 and 0.52 at 200. At T 1.0 the tiny model's
-    # sampling tail kept the reward at 0.23 -> 0.33 in 100 steps; lr 1e-4 was noisier: 0.42 at step 150, and 2e-4
-    # fell to 0.31)
+    # tiny model after a short SFT, 2-core CPU: short completions, 32 prompts x 8, T 0.7 (at T 1.0 the tiny model's
+    # sampling tail held the reward down), lr 5e-5 after a 10-step warmup (1e-4 was noisier, 2e-4 fell), 150 steps
     "embedded": dict(max_prompt_length=64, max_new_tokens=40, lr=5e-5, warmup_steps=10, max_steps=150,
                      prompts_per_step=32, temperature=0.7, eval_every=25, eval_samples=4, eval_temperature=0.7,
                      sft_buffer_size=16, steps_per_generation=1),  # ReLIFT demo: M = 16 fills every 1-2 steps
@@ -151,12 +150,13 @@ RECIPES = {
 
 def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, entropy=None, eps_low=0.2,
               eps_high=0.2, dual_clip=None, log_ratio_clamp=20.0, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
-              loss_agg="token_mean", max_len=None):
+              loss_agg="token_mean", max_len=None, clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
     """logp, old_logp, ref_logp, entropy, mask: (B, T) per completion token; advantages: (B,) or (B, T).
     normalizer: `normalizer_count(mask, loss_agg)` over the optimizer step, all ranks, / world size (tokens for
     token_mean, sequences otherwise); max_len: the constant L_max of seq_mean_token_sum_norm. Returns (loss, metrics)."""
     per_tok, metrics = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip, log_ratio_clamp,
-                                     mask=mask)  # (B, T)
+                                     mask=mask, clip_mode=clip_mode, gppo_beta_low=gppo_beta_low,
+                                     gppo_beta_high=gppo_beta_high)  # (B, T)
     if beta > 0:  # KL to the reference, added to the loss (not to the reward)
         kl = kl_estimate(logp, ref_logp, kl_estimator)  # (B, T)
         per_tok = per_tok + beta * kl
@@ -169,15 +169,16 @@ def grpo_loss(logp, old_logp, advantages, mask, normalizer, *, ref_logp=None, en
 
 def relift_rl_loss(logp, old_logp, advantages, mask, normalizer, *, entropy, token_normalizer, clip=False,
                    eps_low=0.2, eps_high=0.2, dual_clip=None, log_ratio_clamp=None, ref_logp=None, beta=0.0,
-                   kl_estimator="k3", entropy_coef=1e-3, loss_agg="seq_mean_token_sum_norm", max_len=None):
-    """The RL step as released. logp, old_logp, entropy, mask: (B, T); advantages: (B,). normalizer: as grpo_loss;
-    token_normalizer: tokens of the step, all ranks, / world size (the entropy bonus is a token mean, verl's).
-    clip=False: per-token loss -A r (core_algos.compute_policy_loss, loss_remove_clip=True). Returns (loss, metrics)."""
+                   kl_estimator="k3", entropy_coef=1e-3, loss_agg="seq_mean_token_sum_norm", max_len=None,
+                   clip_mode="ppo", gppo_beta_low=1.0, gppo_beta_high=1.0):
+    """The RL step as released: clip=False gives -A r per token (loss_remove_clip=True). logp, old_logp, entropy, mask:
+    (B, T); advantages: (B,). token_normalizer: the step's tokens / world size (the entropy bonus is a token mean)."""
     if not clip:  # an infinite clip range leaves the ratio as it is
         eps_low, eps_high, dual_clip = float("inf"), float("inf"), None
     pg, metrics = grpo_loss(logp, old_logp, advantages, mask, normalizer, ref_logp=ref_logp, eps_low=eps_low,
                             eps_high=eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, beta=beta,
-                            kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=max_len)
+                            kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=max_len,
+                            clip_mode=clip_mode, gppo_beta_low=gppo_beta_low, gppo_beta_high=gppo_beta_high)
     ent = aggregate(entropy, mask, "token_mean", token_normalizer)  # mean entropy of the step's tokens
     return pg - entropy_coef * ent, metrics
 
@@ -272,10 +273,8 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine)
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine))
 
     if start == 0:
         run_eval(0)
@@ -344,7 +343,9 @@ def main():
                             entropy=o["entropy"], eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                             dual_clip=args.dual_clip, log_ratio_clamp=args.log_ratio_clamp, loss_agg=args.loss_agg,
                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, max_len=args.max_new_tokens,
-                            clip=args.clip, token_normalizer=token_normalizer)  # ReLIFT
+                            clip=args.clip, token_normalizer=token_normalizer,  # ReLIFT
+                            clip_mode=args.clip_mode, gppo_beta_low=args.gppo_beta_low,
+                            gppo_beta_high=args.gppo_beta_high)
                         loss.backward()
                     m["entropy"] = (o["entropy"].detach() * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
                     for key, v in {"loss": loss.detach(), **m}.items():
@@ -389,10 +390,9 @@ def main():
         tokens_seen += int(full["attention_mask"].sum())
         metrics = {f"train/{name}": v / n_opt for name, v in stats.items()}
         metrics.update(rollout.rollout_metrics(samples, rewards, G, full.get("old_logp") if engine else None))
-        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen})
+        metrics.update({"perf/gen_time": t_gen, "perf/train_time": common.timer() - t0 - t_gen, **reward_fn.metrics()})
         metrics.update({"train/buffer_size": len(buffer.entries), "train/sft_steps": n_sft,
                         "train/frac_hardest": sum(failed) / len(groups), **sft_metrics})  # ReLIFT
-        metrics.update(reward_fn.metrics())  # train/reward/<name>: each --reward entry
         metrics = common.reduce_metrics(metrics, d.device)
         metrics.update({"perf/tokens": tokens_seen * d.world_size,
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})

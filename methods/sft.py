@@ -91,7 +91,6 @@ class Args:
 
 
 RECIPES = {
-    "auto": lambda v: "embedded" if v["model"].startswith("embedded") else None,
     # tiny model from random init, 2-core CPU: a much larger lr and a small batch make it learn in ~2 minutes
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
     "embedded": dict(max_length=128, batch_size=64, lr=3e-3, max_steps=400, eval_every=50, max_new_tokens=40,
@@ -143,10 +142,9 @@ def main():
     log.print(f"[{log.name}] {fused.summary}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and d.device.type == "cuda")
 
-    def run_eval(step):
-        accs = rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log, step=step)  # + samples
-        log.log(step, accs)
-        return accs
+    def run_eval(step):  # held-out accuracy (and mean@k), logged with sample completions
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, log=log,
+                                                  step=step))
 
     if start == 0:
         run_eval(0)

@@ -16,7 +16,8 @@ SHARDS = 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "dft", "otr", "grpo", "chord", "prefix_rft", "relift", "kdrl"])
+@pytest.mark.parametrize("method", ["sft", "dft", "otr", "grpo", "chord", "prefix_rft", "relift", "kdrl", "luffy", "hpt",
+                                    "srft", "uft"])
 def test_every_documented_choice_trains_or_is_refused_in_one_line(tmp_path, method):
     # two shards in parallel, one thread each (the cases are tiny: two processes finish in about half the time)
     outs = [tmp_path / f"matrix{k}.json" for k in range(SHARDS)]

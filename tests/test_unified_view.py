@@ -161,3 +161,114 @@ def test_kdrl_teacher_gives_a_dense_token_advantage(kd_mask_rows):
     ratio = (logp - old).exp()
     w = stable(ratio, adv) * adv[:, None] * ratio + keep * beta * (teacher - logp)
     check(loss, reference(w, logp, mask, "token_mean", z), logp)
+
+
+GPPO_EXTRA = {  # the arguments that reduce each rollout loss to its PPO part on own tokens (no demonstration rows,
+    # no KD, no hint, no entropy or KL term)
+    "grpo": dict(),
+    "chord": lambda B, T, m: dict(is_expert=torch.zeros(B, dtype=torch.bool), expert_normalizer=torch.tensor(1.0), mu=0.0),
+    "prefix_rft": lambda B, T, m: dict(prefix_mask=torch.zeros(B, T), entropy=torch.zeros(B, T), entropy_coef=0.0,
+                                       loss_agg="token_mean"),
+    "relift": lambda B, T, m: dict(clip=True, entropy=torch.zeros(B, T), token_normalizer=m.sum(), entropy_coef=0.0,
+                                   loss_agg="token_mean"),
+    "kdrl": lambda B, T, m: dict(teacher_logp=torch.zeros(B, T), kd_mask=torch.zeros(B, T), beta=0.0),
+    "luffy": lambda B, T, m: dict(prefix_mask=torch.zeros(B, T), clip=True, token_normalizer=m.sum(),
+                                  entropy_coef=0.0, loss_agg="token_mean"),
+    "hpt": lambda B, T, m: dict(is_expert=torch.zeros(B, dtype=torch.bool), expert_normalizer=torch.tensor(1.0),
+                                token_normalizer=m.sum(), clip=True, entropy_coef=0.0, loss_agg="token_mean"),
+    "uft": lambda B, T, m: dict(beta=0.0, entropy_coef=0.0),
+}
+
+
+@pytest.mark.parametrize("method", sorted(GPPO_EXTRA))
+def test_gppo_moves_the_clip_into_pi_ref_in_every_rollout_method(method):
+    """GPPO (Klear-Reasoner, --clip-mode gppo): own tokens, pi_ref = pi_old inside the clip range; outside it the
+    ratio is replaced by its bound scaled by beta (pi_ref = sg(pi_theta) / (beta (1 +- eps))), so a clipped token
+    keeps a gradient; only the dual-clip region has none: w = A rho inside, A beta_high (1 + eps_high) above,
+    A beta_low (1 - eps_low) below, 0 in the dual-clip region. Every rollout file passes the mode to the kernel."""
+    mod = load_method(method)
+    loss_fn = getattr(mod, {"relift": "relift_rl_loss"}.get(method, f"{method}_loss"))
+    logp, old, mask, adv = batch(9)
+    z, lo, hi = mask.sum(), 0.5, 2.0
+    extra = GPPO_EXTRA[method](B, T, mask) if callable(GPPO_EXTRA[method]) else {}
+    loss, _ = loss_fn(logp, old, adv, mask, z, **{"eps_low": EPS_LOW, "eps_high": EPS_HIGH, "dual_clip": DUAL,
+                                                  "log_ratio_clamp": None, "clip_mode": "gppo", "gppo_beta_low": lo,
+                                                  "gppo_beta_high": hi, "loss_agg": "token_mean", **extra})
+    ratio, a = (logp - old).exp(), adv[:, None].expand(B, T)
+    w = torch.where((a > 0) & (ratio > 1 + EPS_HIGH), a * hi * (1 + EPS_HIGH),
+                    torch.where((a < 0) & (ratio < 1 - EPS_LOW), a * lo * (1 - EPS_LOW), a * ratio))
+    w = torch.where((a < 0) & (ratio > DUAL), 0.0, w)
+    assert ((a > 0) & (ratio > 1 + EPS_HIGH) & (mask > 0)).any() and ((a < 0) & (ratio < 1 - EPS_LOW) & (mask > 0)).any()
+    check(loss, reference(w, logp, mask, "token_mean", z), logp)
+
+
+def test_luffy_demonstration_inside_the_group():
+    """LUFFY (official code): own tokens without clip, pi_ref = pi_old: w = A rho; demonstration tokens with
+    pi_ref = 1 and the shaping f(p) = p / (p + gamma) on the likelihood: w = A f'(p) p = A gamma p / (p + gamma)^2."""
+    luffy = load_method("luffy")
+    logp, old, mask, adv = batch(10)
+    demo = (torch.arange(B) % 3 == 2)[:, None].float() * mask
+    z, gamma = torch.tensor(float(B)), 0.1
+    loss, _ = luffy.luffy_loss(logp, old, adv, mask, z, prefix_mask=demo, gamma=gamma, max_len=T)
+    ratio, p, a = (logp - old).exp(), logp.exp(), adv[:, None]
+    w = torch.where(demo.bool(), a * gamma * p / (p + gamma) ** 2, a * ratio)
+    check(loss, reference(w, logp, mask, "seq_mean_token_sum_norm", z, T), logp)
+
+
+def test_hpt_switches_all_components_per_question():
+    """HPT: a question at or below the gate trains its demonstration (pi_ref = pi_theta, A = sft_coef: w =
+    sft_coef, a token mean over the step's demonstration tokens); above it, its rollouts without clip (pi_ref =
+    pi_old, A = r - mean: w = A rho)."""
+    hpt = load_method("hpt")
+    logp, old, mask, adv = batch(11)
+    is_expert = torch.tensor([False, True, False, False, True, False])
+    on, ex = mask * (~is_expert)[:, None], mask * is_expert[:, None]
+    z, z_ex, coef = torch.tensor(float((~is_expert).sum())), ex.sum(), 0.3
+    loss, _ = hpt.hpt_loss(logp, old, adv, mask, z, is_expert=is_expert, expert_normalizer=z_ex,
+                           token_normalizer=mask.sum(), sft_coef=coef, entropy_coef=0.0, max_len=T)
+    ratio = (logp - old).exp()
+    ref = (reference(adv[:, None] * ratio, logp, on, "seq_mean_token_sum_norm", z, T)
+           + reference(torch.full_like(logp, coef), logp, ex, "token_mean", z_ex))
+    check(loss, ref, logp)
+
+
+def test_srft_paper_form():
+    """SRFT (paper form; no official code): demonstration tokens get an SFT weight 0.5 sg(e^-H) (pi_ref = pi_theta,
+    a token mean over the demonstration tokens) plus the RL term with pi_ref = 1, whose clip acts on the low side
+    only (p <= 1): w = 1[not (A < 0, p < 1 - eps_low)] A p; own tokens: w = 0.1 sg(e^H) if correct, else -1."""
+    srft = load_method("srft")
+    logp, old, mask, adv = batch(12)
+    g = torch.Generator().manual_seed(12)
+    entropy = torch.rand(B, T, generator=g)
+    is_expert = torch.tensor([False, False, True, False, False, True])
+    correct = torch.tensor([True, False, False, True, False, False])
+    ex, own = mask * is_expert[:, None], mask * (~is_expert)[:, None]
+    z, z_ex = mask.sum(), ex.sum()
+    loss, _ = srft.srft_loss(logp, old, adv, mask, z, is_expert=is_expert, expert_normalizer=z_ex,
+                             token_normalizer=mask.sum(), entropy=entropy, correct=correct, eps_low=EPS_LOW)
+    H = (entropy * mask).sum(1) / mask.sum(1)  # per-sequence entropy (the default entropy weights)
+    p, a = logp.exp(), adv[:, None].expand(B, T)
+    w_demo_rl = torch.where((a < 0) & (p < 1 - EPS_LOW), 0.0, a * p)
+    w_own = torch.where(correct, 0.1 * H.exp(), torch.tensor(-1.0))[:, None].expand(B, T)
+    ref = (reference((0.5 * (-H).exp())[:, None].expand(B, T), logp, ex, "token_mean", z_ex)
+           + reference(w_demo_rl, logp, ex, "token_mean", z) + reference(w_own, logp, own, "token_mean", z))
+    check(loss, ref, logp)
+
+
+def test_uft_own_tokens_and_hint_tokens():
+    """UFT: own tokens of the hinted prompt as GRPO (w = 1_clip A rho); hint tokens with pi_ref = pi_theta and
+    A = beta_h: w = beta_h, a token mean over the step's hint tokens. (The KL to pi_ref and the hint schedule, which
+    changes the context, are outside the view.)"""
+    uft = load_method("uft")
+    logp, old, mask, adv = batch(13)
+    g = torch.Generator().manual_seed(13)
+    hint_logp = (-torch.rand(B, 4, generator=g) * 3).requires_grad_()
+    hint_mask = (torch.arange(4)[None] < torch.tensor([4, 2, 0, 3, 1, 0])[:, None]).float()
+    z, beta_h = mask.sum(), 0.05
+    loss, _ = uft.uft_loss(logp, old, adv, mask, z, hint_logp=hint_logp, hint_mask=hint_mask,
+                           hint_normalizer=hint_mask.sum(), hint_coef=beta_h, beta=0.0, entropy_coef=0.0,
+                           eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    ratio = (logp - old).exp()
+    check(loss, reference(stable(ratio, adv) * adv[:, None] * ratio, logp, mask, "token_mean", z), logp)
+    ref_h = reference(torch.full_like(hint_logp, beta_h), hint_logp, hint_mask, "token_mean", hint_mask.sum())
+    torch.testing.assert_close(grad(loss, hint_logp), grad(ref_h, hint_logp), atol=1e-6, rtol=1e-5)

@@ -13,11 +13,12 @@ from kernels.advantage import AGGREGATION_MODES, group_advantages, reward_moment
 from tests_util import load_method
 
 ROLLOUT = {"grpo": "grpo_loss", "chord": "chord_loss", "prefix_rft": "prefix_rft_loss", "relift": "relift_rl_loss",
-           "kdrl": "kdrl_loss"}
+           "kdrl": "kdrl_loss", "luffy": "luffy_loss", "hpt": "hpt_loss", "srft": "srft_loss", "uft": "uft_loss"}
 TEACHER_FORCING = {"sft": "sft_loss", "dft": "dft_loss", "otr": "otr_loss", "relift": "relift_sft_loss"}
 # the official code of each rollout method on the log-ratio clamp (spec README: verl and later Trinity-RFT clamp to
 # [-20, 20]; TRL, ReLIFT, Prefix-RFT and CHORD-era Trinity-RFT do not)
-CLAMP = {"grpo": 20.0, "chord": None, "prefix_rft": None, "relift": None, "kdrl": 20.0}
+CLAMP = {"grpo": 20.0, "chord": None, "prefix_rft": None, "relift": None, "kdrl": 20.0, "luffy": None, "hpt": None,
+         "uft": None}  # srft.py has no importance ratio, hence no clamp
 # one name per quantity: names that used to mean the same thing as another, and must not come back
 RETIRED = {"kd_estimator": "kl_estimator", "alpha": "entropy_coef", "n_micro": "normalizer",
            "entropy_keep_ratio": "entropy_mask_ratio"}
@@ -40,7 +41,8 @@ def test_leading_signature_and_names(method, name):
         assert params["loss_agg"].default in AGGREGATION_MODES
 
 
-@pytest.mark.parametrize("method", ["sft", "dft", "otr", "grpo", "chord", "prefix_rft", "relift", "kdrl"])
+@pytest.mark.parametrize("method", ["sft", "dft", "otr", "grpo", "chord", "prefix_rft", "relift", "kdrl",
+                                    "luffy", "hpt", "srft", "uft"])
 def test_loss_agg_flag_speaks_the_kernel_names(method):
     mod = load_method(method)
     hint = typing.get_type_hints(mod.Args)["loss_agg"]
@@ -62,11 +64,14 @@ def _rollout_loss(method, **kw):
              "chord": dict(is_expert=torch.tensor([False]), expert_normalizer=z, mu=0.0, dual_clip=None),
              "prefix_rft": dict(prefix_mask=torch.zeros(1, 1), entropy=torch.zeros(1, 1), token_normalizer=z,
                                 dual_clip=None),
-             "kdrl": dict(teacher_logp=logp, kd_mask=torch.zeros(1, 1), beta=0.0)}[method]
+             "kdrl": dict(teacher_logp=logp, kd_mask=torch.zeros(1, 1), beta=0.0),
+             "luffy": dict(prefix_mask=torch.zeros(1, 1)),
+             "hpt": dict(is_expert=torch.tensor([False]), expert_normalizer=z, token_normalizer=z, entropy_coef=0.0),
+             "uft": dict(ref_logp=logp, entropy=torch.zeros(1, 1))}[method]
     return float(getattr(mod, ROLLOUT[method])(logp, old, adv, mask, z, loss_agg="token_mean", **extra, **kw)[0])
 
 
-@pytest.mark.parametrize("method", list(ROLLOUT))
+@pytest.mark.parametrize("method", list(CLAMP))
 def test_log_ratio_clamp_on_off_at_25_nats(method):
     """Issue 17: a clamp of +-20 was always on in relift.py and prefix_rft.py; their official code has none."""
     on, off = _rollout_loss(method, log_ratio_clamp=20.0), _rollout_loss(method, log_ratio_clamp=None)
