@@ -158,7 +158,8 @@ def parse_args(cls, argv=None, presets=None, ranges=None):
     check_ranges(args, ranges)
     for name in sorted(explicit & ACTS_ONLY_WITH.keys()):
         if not ACTS_ONLY_WITH[name][0](args):
-            raise UserError(f"--{name.replace('_', '-')} acts only with {ACTS_ONLY_WITH[name][1]}; give that too")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} acts only with {ACTS_ONLY_WITH[name][1]}; "
+                            "give that too")
     FLAGS.clear()
     FLAGS.update(f.name for f in dataclasses.fields(cls))
     return args

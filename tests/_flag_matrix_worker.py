@@ -34,7 +34,8 @@ TINY = {  # explicit flags win over every table, so these keep each run small wh
 }
 WITH = {  # a choice that acts only together with another flag of the same file: (that flag's field, its argv)
     "kl_estimator": ("beta", ["--beta", "0.04"]),  # the KL estimator needs beta > 0 (kdrl: the KD coefficient, > 0)
-    "dual_clip": ("clip", ["--clip"]),  # relift.py: the released loss has no clip at all
+    "dual_clip": ("clip", ["--clip"]),  # relift.py, luffy.py, hpt.py: the released loss has no clip at all
+    "clip_mode": ("clip", ["--clip"]),
 }
 VALUES = {"dual_clip": "3.0", "log_ratio_clamp": "20.0"}  # the value that switches on an Optional flag that is off
 HARDWARE = ("model", "teacher", "dataset", "expert_dataset", "eval_dataset", "system_prompt", "generator")  # a paper recipe's GPU-cluster

@@ -165,15 +165,21 @@ def _parse(*argv):
     (["--num-off-policy", "0"], "--num-off-policy 0 must be between 1"),
     (["--shaping", "none", "--shaping-gamma", "0.5"], "--shaping-gamma acts only with --shaping p_div_p"),
     (["--shaping-gamma", "0"], "--shaping-gamma 0.0 must be > 0"),
-    (["--clip-mode", "gppo"], "--clip-mode gppo acts only with --clip"),
-    (["--preset", "gppo"], "--clip-mode gppo acts only with --clip"),
+    (["--preset", "gppo", "--no-clip"], "--clip-mode gppo acts only with --clip"),
 ])
 def test_flag_checks(argv, message):
     a = _parse("--num-generations", "4", *argv)
     with pytest.raises(SystemExit, match=message):
         luffy.check_luffy_args(a, 0, 10)
-    luffy.check_luffy_args(_parse("--num-generations", "4", "--clip", *argv[-2:]) if "gppo" in argv else
+    luffy.check_luffy_args(_parse("--num-generations", "4", "--preset", "gppo") if "gppo" in argv else
                            _parse("--num-generations", "4"), 0, 10)  # the fix is accepted
+
+
+def test_gppo_needs_the_clip():
+    with pytest.raises(SystemExit, match="--clip-mode gppo acts only with --clip"):  # common.ACTS_ONLY_WITH
+        _parse("--num-generations", "4", "--clip-mode", "gppo")
+    a = _parse("--num-generations", "4", "--preset", "gppo")  # the preset switches the clip on
+    assert a.clip and a.clip_mode == "gppo"
 
 
 def test_long_demonstrations_are_counted_in_a_warning(capsys):

@@ -316,7 +316,7 @@ def test_recipes_are_data_read_only_when_a_run_names_one():
     for f in sorted((REPO / "methods").glob("*.py")):
         imports = [ln for ln in f.read_text().splitlines() if ln.startswith(("import ", "from "))]
         assert not [ln for ln in imports if "recipes" in ln], f.name
-        assert '"paper"' not in f.read_text(), f.name
+        assert '"paper": dict(' not in f.read_text(), f.name
     probe = ("import sys, importlib.util; sys.path.insert(0, '.'); import common\n"
              "spec = importlib.util.spec_from_file_location('m', 'methods/grpo.py'); m = importlib.util.module_from_spec"
              "(spec); sys.modules['m'] = m; spec.loader.exec_module(m)\n"

@@ -268,10 +268,10 @@ def test_damaged_payload_stops_with_message_and_resume_after_damage_is_exact(tmp
     ck = tmp_path / "checkpoint-0000004"
     shutil.copytree(reference / ck.name, ck)
     f = ck / "model.safetensors"
-    data = bytearray(f.read_bytes())
-    n = int.from_bytes(data[:8], "little")
-    data[8 + n:] = random.Random(0).randbytes(len(data) - 8 - n)  # weights -> random bytes, some NaN
-    f.write_bytes(bytes(data))
+    raw = bytearray(f.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    raw[8 + n:] = random.Random(0).randbytes(len(raw) - 8 - n)  # weights -> random bytes, some NaN
+    f.write_bytes(bytes(raw))
     assert common.checkpoint_problem(ck) is None  # same size, valid header: not caught without reading it
     (ck / "trainer_state.pt").write_bytes(b"PK" + random.Random(1).randbytes(100))
     model = FusedLM(data.load_model(str(reference / "checkpoint-0000008")))
@@ -592,15 +592,15 @@ def test_sampling_from_diverged_weights_is_one_line(tiny_dir):
 
 @pytest.mark.parametrize("method,flags,enabler,line", [
     ("grpo", ["--kl-estimator", "k2"], ["--beta", "0.04"],
-     "--kl-estimator acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
+     "--kl-estimator k2 acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
     ("chord", ["--kl-estimator", "k1"], ["--beta", "0.01"],
-     "--kl-estimator acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
+     "--kl-estimator k1 acts only with --beta > 0 (the KL term; DeepSeekMath: 0.04); give that too"),
     ("relift", ["--eps-high", "0.28"], ["--clip"],
-     "--eps-high acts only with --clip (the released loss of this method has no clip); give that too"),
+     "--eps-high 0.28 acts only with --clip (the released loss of this method has no clip); give that too"),
     ("relift", ["--dual-clip", "3"], ["--clip"],
-     "--dual-clip acts only with --clip (the released loss of this method has no clip); give that too"),
+     "--dual-clip 3.0 acts only with --clip (the released loss of this method has no clip); give that too"),
     ("grpo", ["--gppo-beta-low", "0.25"], ["--clip-mode", "gppo"],
-     "--gppo-beta-low acts only with --clip-mode gppo (GPPO's gradient scales outside the clip range); give that too"),
+     "--gppo-beta-low 0.25 acts only with --clip-mode gppo (GPPO's gradient scales outside the clip range); give that too"),
 ])
 def test_a_flag_that_would_change_nothing_is_refused(method, flags, enabler, line):
     """common.ACTS_ONLY_WITH: one shared table instead of a check in every method file."""
