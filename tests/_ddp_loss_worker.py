@@ -6,6 +6,7 @@ normalizer is counted over the whole step (all micro-batches, all ranks) / world
 Rank 0 then computes the single-process full-batch gradient and writes the max relative difference to OUT.json.
 """
 import copy
+import gc
 import importlib
 import json
 import sys
@@ -102,7 +103,8 @@ def main():
         g_ref = {n: p.grad for n, p in single.named_parameters()}
         rel = max(((g_ddp[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-12)).item() for n in g_ref)
         Path(out).write_text(json.dumps({"max_rel_diff": rel}))
-    del model, single
+    del model, single, lm, mbs, g_ddp  # nothing holding DDP's hooks alive when the group goes (ENVIRONMENT.md: SIGABRT)
+    gc.collect()
     common.cleanup_distributed()
 
 

@@ -208,7 +208,7 @@ def test_paper_recipe_dry_run(monkeypatch, capsys):
     (["--sft-coef", "-1"], "--sft-coef >= 0"),
     (["--sft-agg", "per_microbatch", "--loss-agg", "token_mean"], "acts only with --loss-agg seq_mean_token_sum_norm"),
     (["--skip-grad-norm", "0"], "--skip-grad-norm 0.0: must be > 0"),
-    (["--eps-high", "0.28"], "--eps-high acts only with --clip"),
+    (["--eps-high", "0.28"], "--eps-high 0.28 acts only with --clip"),
 ])
 def test_bad_inputs(monkeypatch, capsys, tmp_path, flags, message):
     """Refused with one `error:` line before anything is loaded."""
