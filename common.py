@@ -185,7 +185,7 @@ RANGES = {
     "keep_last": _COUNT, "temperature": (lambda v: v > 0, "> 0 (it divides the logits; sampling needs > 0)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "adv_eps": _NONNEG, "eps_low": _NONNEG, "eps_high": _NONNEG,
     "dual_clip": (lambda v: v > 1, "> 1 (inf: no cap)"), "overlong_buffer_ratio": _UNIT, "overlong_penalty": _NONNEG,
-    "dist_timeout": _POS, "seed": _NONNEG, "log_ratio_clamp": _POS,
+    "dist_timeout": _POS, "seed": _NONNEG, "log_ratio_clamp": _POS, "stop_at_accuracy": _UNIT,
     "gppo_beta_low": _NONNEG, "gppo_beta_high": _NONNEG,
     "beta": (lambda v: v >= 0, ">= 0 (a KL or distillation coefficient)"),  # otr.py: the reward of a wrong draw
 }
@@ -194,6 +194,7 @@ RANGES = {
 # A flag that acts only together with another: given without it, it would change nothing, so the run is refused
 ACTS_ONLY_WITH = {  # flag: (test on the args, what to give with it)
     "kl_estimator": (lambda a: a.beta > 0, "--beta > 0 (the KL term; DeepSeekMath: 0.04)"),
+    "stop_at_accuracy": (lambda a: a.eval_every > 0 and a.eval_size > 0, "--eval-every > 0 and --eval-size > 0"),
     **{name: (lambda a: getattr(a, "clip", True), "--clip (the released loss of this method has no clip)")
        for name in ("eps_low", "eps_high", "dual_clip", "clip_mode")},
     **{name: (lambda a: a.clip_mode == "gppo", "--clip-mode gppo (GPPO's gradient scales outside the clip range)")
@@ -623,6 +624,7 @@ class MetricsLogger:
     def __init__(self, out_dir, d, total, start=0, quiet=False, report_to="none", args=None):
         self.d, self.path, self.tb, self.wandb, self.trackio, self.bar = d, Path(out_dir) / "metrics.jsonl", *[None] * 4
         self.samples_path, self.quiet, self.streak = Path(out_dir) / "completions.jsonl", quiet, {}
+        self.outcomes_path = Path(out_dir) / "eval_outcomes.jsonl"  # per-problem held-out scores (rollout.eval_metrics)
         self.logged, self.name = set(), _method_name(args) if args is not None else "run"  # [name] on printed lines
         _nonfinite.update(steps=0, skipped=0, in_a_row=0)  # a new run (several can run in one process, e.g. tests)
         targets = [t.strip() for t in str(report_to or "none").split(",") if t.strip() not in ("", "none")]
@@ -632,7 +634,7 @@ class MetricsLogger:
                             f"{', '.join(REPORT_TO)} (comma-separated)")
         if not d.is_main:
             return
-        for path in (self.path, self.samples_path):
+        for path in (self.path, self.samples_path, self.outcomes_path):
             if path.exists():
                 keep = []
                 for ln in path.read_text().splitlines():
@@ -641,7 +643,7 @@ class MetricsLogger:
                     except json.JSONDecodeError:
                         continue
                     key = (rec.get("step", 0), _row_kind(rec))
-                    if rec.get("step", 0) <= start and (path == self.samples_path or key not in self.logged):
+                    if rec.get("step", 0) <= start and (path != self.path or key not in self.logged):
                         keep.append(ln)
                         self.logged.update([key] if path == self.path else [])
                 path.write_text("".join(ln + "\n" for ln in keep))

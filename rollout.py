@@ -371,12 +371,20 @@ def get_reward_fn(spec="auto", weights=None, answer_format="auto", dataset="embe
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_size=128, k=1, temperature=0.0,
              engine=None, keep=None):
-    """Mean reward over `examples` (greedy when temperature is 0, else mean@k). Each rank scores a shard. keep: a
-    list that receives this rank's first 4 scored completions (for MetricsLogger.completions)."""
+    """Mean reward over `examples` (greedy when temperature is 0, else mean@k): the mean of `per_problem`."""
+    return per_problem(model, tokenizer, examples, reward_fn, d, max_new_tokens, batch_size, k, temperature, engine,
+                       keep).mean().item()
+
+
+def per_problem(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_size=128, k=1, temperature=0.0,
+                engine=None, keep=None):
+    """Each example's mean reward over its k completions (greedy when temperature is 0), a float64 tensor over all
+    `examples` on every rank (each rank scores a shard). keep: a list that receives this rank's first 4 scored
+    completions (for MetricsLogger.completions)."""
     mine = examples[d.rank::d.world_size]
     if isinstance(reward_fn, Reward):  # held-out scores stay out of the training step's train/reward/<name>
         reward_fn = functools.partial(reward_fn, record=False)
-    total = torch.zeros(2, dtype=torch.float64)
+    scores_all = torch.zeros(len(examples), dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         comps, fin, _ = generate(model, tokenizer, [e["prompt_ids"] for e in chunk], n=k,
@@ -386,31 +394,52 @@ def evaluate(model, tokenizer, examples, reward_fn, d, max_new_tokens=64, batch_
         if keep is not None:
             keep += [dict(example=chunk[j // k], completion=comps[j], reward=scores[j], finished=fin[j])
                      for j in range(min(4 - len(keep), len(texts)))]
-        total[0] += sum(scores)
-        total[1] += len(texts)
-    total = common.all_reduce(total.to(d.device)).cpu()
-    return (total[0] / total[1].clamp(min=1)).item()
+        for j in range(len(chunk)):  # example i + j of this rank's shard is example (i + j) * world + rank
+            scores_all[(i + j) * d.world_size + d.rank] = sum(scores[j * k:(j + 1) * k]) / k
+    return common.all_reduce(scores_all.to(d.device)).cpu()
 
 
-def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, log=None, step=0):
+def standard_error(x):
+    """Standard error of the mean of per-problem scores x (problems are the independent units: the k samples of one
+    problem are not independent, so mean@k's error is the spread of per-problem means / sqrt(problems))."""
+    return (x.std() / len(x) ** 0.5).item() if len(x) > 1 else float("nan")
+
+
+def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, log=None, step=0, show=True):
     """The held-out metrics every method logs: greedy accuracy, and with --eval-samples k > 0 also mean@k, the mean
-    reward of k samples per prompt at --eval-temperature (the papers' avg@k: DFT avg@16 at T=1, DAPO avg@32). The
-    sampling seeds are the same at every evaluation, so two evaluations of one run are paired. No held-out examples
-    (--eval-size 0): no metrics. With a MetricsLogger `log`, a few greedy held-out completions go to its
-    completions.jsonl (the teacher-forcing methods have no rollouts to show)."""
+    reward of k samples per prompt at --eval-temperature (the papers' avg@k: DFT avg@16 at T=1, DAPO avg@32), each
+    with its standard error over problems (eval/*_se). The sampling seeds are the same at every evaluation, so two
+    evaluations of one run are paired: with a MetricsLogger `log` each problem's scores go to eval_outcomes.jsonl,
+    from which the standard error of a gain is the spread of per-problem differences (demo.py). No held-out examples
+    (--eval-size 0): no metrics. With `log` and `show`, a few greedy held-out completions go to its completions.jsonl
+    (the teacher-forcing methods have no rollouts to show; the rollout methods pass show=False)."""
     if not examples:
         return {}
     if all(e.get("answer") is None for e in examples):  # SFT data without answers: the held-out loss
         return {"eval/nll": heldout_nll(model, tokenizer, examples, d)}
-    keep = [] if log is not None else None
-    out = {"eval/accuracy": evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine,
-                                     keep=keep)}
-    if log is not None:
+    keep = [] if log is not None and show else None
+    greedy = per_problem(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine, keep=keep)
+    out, outcomes = {"eval/accuracy": greedy.mean().item(), "eval/accuracy_se": standard_error(greedy)}, {"greedy": greedy}
+    if keep is not None:
         log_completions(log, step, tokenizer, keep)
     if args.eval_samples > 0:
-        out["eval/sampled_accuracy"] = evaluate(model, tokenizer, examples, reward_fn, d, args.max_new_tokens,
-                                                k=args.eval_samples, temperature=args.eval_temperature, engine=engine)
+        sampled = per_problem(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, k=args.eval_samples,
+                              temperature=args.eval_temperature, engine=engine)
+        out.update({"eval/sampled_accuracy": sampled.mean().item(), "eval/sampled_accuracy_se": standard_error(sampled)})
+        outcomes["sampled"] = sampled
+    if log is not None and log.d.is_main:  # per-problem scores (k samples' mean), for paired comparisons
+        rec = {"step": step, **{key: [round(v, 4) for v in x.tolist()] for key, x in outcomes.items()}}
+        with open(log.outcomes_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
     return out
+
+
+def reached(metrics, target, log):
+    """--stop-at-accuracy: True (and said) when this held-out evaluation's greedy accuracy reaches the target."""
+    if target is None or metrics.get("eval/accuracy", -1.0) < target:
+        return False
+    log.print(f"[{log.name}] held-out accuracy {metrics['eval/accuracy']:.3f} >= --stop-at-accuracy {target}: stopping")
+    return True
 
 
 @torch.no_grad()

@@ -68,6 +68,7 @@ class Args:
     recipe: Optional[str] = "auto"  # embedded (auto with --model embedded*): settings for the tiny CPU demo; the papers': recipes/<this file's name>.py
     # --- optimisation ---
     max_steps: int = 400  # optimizer steps (DFT paper: 1 epoch of 100k at batch 256 = 390 steps)
+    stop_at_accuracy: Optional[float] = None  # stop at the first held-out evaluation (every --eval-every steps) whose greedy accuracy reaches this; --max-steps is the cap (how the cached embedded:warm is built)
     batch_size: int = 256  # sequences per optimizer step, all ranks and micro-batches (DFT paper)
     grad_accum: int = 1  # micro-batches per optimizer step and rank
     lr: float = 5e-5  # DFT paper §4.1.1 (2e-5 for LLaMA-3.1-8B)
@@ -104,8 +105,8 @@ RECIPES = {
     # sft.py's steps and batch from the SFT warm start: from random init (p ~ 1/83) DFT locks onto the easy tokens
     # and drops the digits (nll 4.5 -> 8 at lr 3e-3, accuracy 0); at lr 1e-3 even the warm start drifts (39% -> 7%)
     # held-out mean@4 at T 0.7 beside greedy, as in the rollout files
-    "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=50, max_new_tokens=40,
-                     eval_samples=4, eval_temperature=0.7),
+    "embedded": dict(max_length=128, batch_size=64, lr=2e-4, max_steps=400, eval_every=100, max_new_tokens=40,
+                     eval_size=512, eval_samples=4, eval_temperature=0.7),
 }
 
 
@@ -185,6 +186,7 @@ def main():
 
     if start == 0:
         run_eval(0)
+    acc, step = None, start  # acc: the evaluation that met --stop-at-accuracy
     for step in range(start + 1, args.max_steps + 1):
         t0 = common.timer()
         # 3. batch: this rank's share of the step, split into micro-batches
@@ -231,14 +233,17 @@ def main():
                         "perf/peak_memory_mb": common.peak_memory_mb(d.device)})
         log.log(step, metrics, advance=1)
         if args.eval_every and step % args.eval_every == 0 and step != args.max_steps:
-            run_eval(step)
+            acc = run_eval(step)
+            if rollout.reached(acc, args.stop_at_accuracy, log):
+                break
+            acc = None
         if args.save_every and step % args.save_every == 0:
             common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
                                    {"tokens": tokens_seen}, d, args.keep_last)
 
-    # 7. final evaluation and model
-    acc = run_eval(args.max_steps)
-    common.save_checkpoint(out, args.max_steps, model, tokenizer, [optimizer], [scheduler],
+    # 7. final evaluation (unless the run stopped at one) and model
+    acc = acc or run_eval(step)
+    common.save_checkpoint(out, step, model, tokenizer, [optimizer], [scheduler],
                            {"tokens": tokens_seen}, d, name="final")
     log.print(f"[{log.name}] done: {rollout.score_str(acc)}, peak memory {common.peak_memory_mb(d.device):.0f} MB")
     log.close()

@@ -262,12 +262,19 @@ def test_eval_metrics_greedy_and_mean_at_k():
         eval_temperature: float = 0.7
 
     greedy = rollout.evaluate(model, tok, ex, rollout.exact_reward, d, 40)
-    assert rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A()) == {"eval/accuracy": greedy}
+    comps, _, _ = rollout.generate(model, tok, [e["prompt_ids"] for e in ex], 1, 40, 0.0, seed=0)
+    right = [rollout.exact_reward(t, e) for t, e in zip(tok.batch_decode(comps, skip_special_tokens=True), ex)]
+    p, n = sum(right) / len(ex), len(ex)  # the standard error of a mean of 0/1 outcomes: sqrt(p (1 - p) / (n - 1))
+    assert rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A()) == pytest.approx(
+        {"eval/accuracy": greedy, "eval/accuracy_se": (p * (1 - p) / (n - 1)) ** 0.5}) and greedy == pytest.approx(p)
     m = rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A(eval_samples=3))
     comps, _, _ = rollout.generate(model, tok, [e["prompt_ids"] for e in ex], 3, 40, 0.7, 1.0, seed=0)
     texts = tok.batch_decode(comps, skip_special_tokens=True)
-    expected = sum(rollout.exact_reward(t, ex[j // 3]) for j, t in enumerate(texts)) / len(texts)
+    per = [sum(rollout.exact_reward(texts[3 * i + j], ex[i]) for j in range(3)) / 3 for i in range(n)]
+    expected = sum(per) / n  # mean@3; its standard error is over problems (the 3 samples of one are not independent)
+    se = (sum((x - expected) ** 2 for x in per) / (n - 1) / n) ** 0.5
     assert m["eval/accuracy"] == greedy and m["eval/sampled_accuracy"] == pytest.approx(expected)
+    assert m["eval/sampled_accuracy_se"] == pytest.approx(se)
     assert m == rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A(eval_samples=3))
     assert 0 < expected < 1 and expected != greedy
 

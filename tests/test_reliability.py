@@ -221,6 +221,13 @@ def test_fsdp2_run_equals_ddp_run(tmp_path, method, args):
     assert len(runs["fsdp"]) == len(runs["ddp"]) and sum("train/grad_norm" in r for r in runs["ddp"]) == 3
     for a, b in zip(runs["fsdp"], runs["ddp"]):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])) for k in a), (a, b)
+    # each problem's held-out score lands in its own place when ranks score shards: the start's greedy outcomes of
+    # the 2-rank run are those of one process (eval_outcomes.jsonl, what the demo pairs start and end with)
+    run_method(method, *args, "--eval-size", 8, "--eval-samples", 2, "--save-every", 0, "--quiet", "--max-steps", 1,
+               "--output-dir", tmp_path / "one")
+    start = [json.loads((tmp_path / name / "eval_outcomes.jsonl").read_text().splitlines()[0]) for name in ("ddp", "one")]
+    assert start[0]["step"] == start[1]["step"] == 0 and len(start[0]["greedy"]) == 8 == len(start[0]["sampled"])
+    assert start[0]["greedy"] == start[1]["greedy"], start
 
 
 def damage(ckpt, how):
