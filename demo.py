@@ -2,15 +2,17 @@
 
 Each method runs as a subprocess with its own defaults (its `embedded` recipe: the tiny-model settings, with the
 source of every choice in the method file), so the table shows what a user gets with no arguments. Starting points:
-SFT trains the randomly initialised tiny model; every other method starts from the shared weak SFT warm start
-(`embedded:warm`), as the papers start from a base or instruct model that can already attempt the task. Two
-same-start baselines make the families comparable: `sft (warm)` is sft.py from the warm start with dft.py's and
-otr.py's steps, batch and lr; `grpo` is the base of the rollout family. KDRL's teacher is a longer SFT run
-(`embedded:teacher`). Runs go --jobs at a time (default 2, each with cores / jobs threads; on 2 cores, 100 grpo.py
-steps took 114 s for two one-thread runs side by side and 95 s for one two-thread run: 1.7x the throughput), longest
-first, each as soon as the starting point it needs is built. Held-out accuracy is logged greedy and as mean@4 at
-T 0.7 (every file's --eval-samples/--eval-temperature in its embedded recipe). Output: runs/demo/summary.md and
-runs/demo/curves.png.
+SFT trains the randomly initialised tiny model; every other method starts from the shared SFT warm start
+(`embedded:warm`: sft.py run until its greedy held-out accuracy reaches a stated target, data.EMBEDDED_STAGES), as
+the papers start from a base or instruct model that can already attempt the task. Two same-start baselines make the
+families comparable: `sft (warm)` is sft.py from the warm start with dft.py's and otr.py's steps, batch and lr;
+`grpo` is the base of the rollout family. KDRL's teacher (`embedded:teacher`) is SFT from the warm start to a higher
+target. Runs go --jobs at a time (default 2, each with cores / jobs threads; on 2 cores, 100 grpo.py steps took
+114 s for two one-thread runs side by side and 95 s for one two-thread run: 1.7x the throughput), longest first,
+each as soon as the starting point it needs is built. Held-out accuracy (512 problems) is logged greedy and as
+mean@4 at T 0.7, each with its standard error over problems; every evaluation writes each problem's score to
+eval_outcomes.jsonl, and a gain's standard error is that of the per-problem differences (paired: same problems,
+same sampling seeds). Output: runs/demo/summary.md and runs/demo/curves.png (runs/demo-seed<N> with --seed N).
 """
 import argparse
 import json
@@ -136,11 +138,11 @@ def plot(curves, path):
                 steps, acc, se = map(torch.tensor, zip(*c[key]))
                 axes[row, col].plot(steps, acc, marker="o", ms=3, ls=style, color=color, label=name)
                 axes[row, col].fill_between(steps, acc - se, acc + se, color=color, alpha=0.15)
-    for row, what in enumerate(["greedy", "mean@4 of samples at T 0.7"]):
-        axes[row, 0].set(title=f"teacher forcing: held-out accuracy ({what}), band: +- 1 SE", xlabel="optimizer step")
-        axes[row, 1].set(title=f"rollout methods: held-out accuracy ({what}), band: +- 1 SE", xlabel="rollout step")
+    for row, what in enumerate(["greedy", "mean@4, T 0.7"]):
+        axes[row, 0].set(title=f"teacher forcing: held-out {what} (band: +-1 SE)", xlabel="optimizer step")
+        axes[row, 1].set(title=f"rollout methods: held-out {what} (band: +-1 SE)", xlabel="rollout step")
     for ax in axes.flat:
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy on the held-out problems")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -199,8 +199,8 @@ def test_variants_recipe_and_explicit_override():
     a = common.parse_args(chord.Args, real + ["--variant", "mu"], presets)
     assert (a.mu_warmup_steps, a.mu_decay_steps, a.mu_peak, a.mu_valley, a.sft_weighting) == (0, 200, 0.9, 0.05,
                                                                                                 "none")
-    a = common.parse_args(chord.Args, ["--variant", "mu"], presets)  # embedded demo: decay within the 150-step run
-    assert (a.mu_decay_steps, a.max_steps, a.mu_peak) == (150, 150, 0.9)
+    a = common.parse_args(chord.Args, ["--variant", "mu"], presets)  # embedded demo: decay within the 80-step run
+    assert (a.mu_decay_steps, a.max_steps, a.mu_peak) == (80, 80, 0.9)
     a = common.parse_args(chord.Args, ["--variant", "mu", "--mu-decay-steps", "200", "--sft-weighting", "is"], presets)
     assert (a.mu_decay_steps, a.sft_weighting) == (200, "is")
     assert common.parse_args(chord.Args, ["--dual-clip", "inf"], presets).dual_clip == float("inf")

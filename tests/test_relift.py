@@ -165,7 +165,7 @@ def test_presets_and_defaults():
     a = common.parse_args(relift.Args, real + ["--preset", "relift_paper"], presets)
     assert (a.clip, a.scale_rewards) == (True, "group")
     a = common.parse_args(relift.Args, [], presets)  # embedded demo: a small M so the buffer fires
-    assert (a.sft_buffer_size, a.max_steps, a.steps_per_generation) == (16, 150, 1)
+    assert (a.sft_buffer_size, a.max_steps, a.steps_per_generation) == (16, 80, 1)
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_sum_norm", "token_mean"])
