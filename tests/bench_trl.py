@@ -118,6 +118,9 @@ def parse():
     ap.add_argument("--clock", default=None, choices=["cpu", "wall"], help="step clock: process CPU time (default "
                     "with 1 thread: what a step costs, whatever else the machine runs) or wall time (default otherwise)")
     ap.add_argument("--eval-size", type=int, default=8, help="our start/end held-out evaluation (not timed)")
+    ap.add_argument("--profile", action="store_true", help="where the time goes: one round per size under "
+                    "torch.profiler (CPU), self time by op class (matmul, attention, the rest) and the top ops per side "
+                    "into <out>/profile_<size>_<kind>_<side>.txt (the profiler's overhead inflates the small ops)")
     ap.add_argument("--only", default=None, choices=["sft", "grpo"], help="run one of the two comparisons")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="summary.md and results.json go here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: {ours,trl}_{sft,grpo}
@@ -166,7 +169,7 @@ def run_side(side, kind, a, work, seed):
     job, out = work / f"{side}_{kind}.json", work / f"{side}_{kind}"
     argv = our_argv(kind, a, seed) + ["--output-dir", str(out), "--overwrite"]
     job.write_text(json.dumps({"argv": argv, "args": resolved(kind, argv), "threads": a.threads, "clock": a.clock,
-                               "out": str(out)}, default=str))
+                               "out": str(out), "profile": a.profile}, default=str))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{side}_{kind}", "--job", str(job)]
     t0 = time.perf_counter()
     peak = spawn(cmd, work / f"{side}_{kind}.log")
@@ -184,7 +187,31 @@ def run_side(side, kind, a, work, seed):
                    "reward": [r["train/reward"] for r in steps], "loss": [r["train/loss"] for r in steps]}
             res["step_s"] = [g + t for g, t in zip(res["gen_s"], res["train_s"])]
     res.update(peak_mb=peak, wall_s=wall, seed=seed)
+    if a.profile:
+        text = (out / "profile.txt").read_text()
+        (Path(a.out) / f"profile_{a.size}_{kind}_{side}.txt").write_text(text)
+        res["profile"] = json.loads((out / "profile.json").read_text())
     return res
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot")
+
+
+def profiled(fn, out):
+    """Run fn() under torch.profiler (CPU); write the op table (self CPU time) and the shares by op class."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    share = {"matmul": sum(e.self_cpu_time_total for e in ev if e.key in MATMUL_OPS) / total,
+             "attention": sum(e.self_cpu_time_total for e in ev if "scaled_dot_product" in e.key
+                              or "flash_attention" in e.key) / total}
+    share["rest"] = 1 - share["matmul"] - share["attention"]
+    share["total_s"] = total / 1e6
+    (out / "profile.json").write_text(json.dumps(share))
+    (out / "profile.txt").write_text(f"shares of self CPU time: {json.dumps(share)}\n\n"
+                                     + ev.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def ours_worker(kind, cfg):
@@ -198,6 +225,8 @@ def ours_worker(kind, cfg):
         common.timer = time.process_time
     method = load_method(kind)
     sys.argv = [str(REPO / "methods" / f"{kind}.py"), *cfg["argv"]]
+    if cfg.get("profile"):
+        return profiled(method.main, Path(cfg["out"]))
     method.main()
 
 
@@ -262,7 +291,7 @@ def trl_worker(kind, cfg):
                          lr_scheduler_type="cosine", warmup_steps=int(a["warmup_ratio"] * a["max_steps"]),
                          **common_cfg)
         trainer = Trainer(model=model, args=conf, train_dataset=ds, processing_class=tokenizer, callbacks=[timer])
-        trainer.train()
+        profiled(trainer.train, out) if cfg.get("profile") else trainer.train()
         res = {"step_s": timer.step_s, "tokens": tokens, "loss": [lg["loss"] for lg in timer.logs if "loss" in lg]}
     else:
         from trl import GRPOConfig, GRPOTrainer
@@ -295,7 +324,7 @@ def trl_worker(kind, cfg):
                           warmup_steps=a["warmup_steps"], **common_cfg)
         trainer = Trainer(model=model, reward_funcs=reward, args=conf, train_dataset=ds, processing_class=tokenizer,
                           callbacks=[timer])
-        trainer.train()
+        profiled(trainer.train, out) if cfg.get("profile") else trainer.train()
         logs = [lg for lg in timer.logs if "reward" in lg]
         res = {"step_s": timer.step_s, "gen_s": gen_s, "train_s": [s - g for s, g in zip(timer.step_s, gen_s)],
                "reward": [lg["reward"] for lg in logs], "loss": [lg["loss"] for lg in logs]}
@@ -448,6 +477,8 @@ def main():
             for key in ("sft_steps", "grpo_steps", "rounds", "warmup"):
                 if cfg.get(key) is not None:
                     setattr(b, key, cfg[key])
+        if a.profile:
+            b.rounds = 1
             b.size_label = (f"embedded default, {params / 1e6:.1f}M parameters" if size == "embedded" else
                             f"random Qwen2 '{size}', {params / 1e6:.1f}M parameters: {cfg['config']}; SFT extra flags "
                             f"{' '.join(RANDOM_SFT)}; GRPO extra flags {' '.join(RANDOM_GRPO)}")
@@ -462,6 +493,8 @@ def main():
                         print(f"[bench] {size} round {rnd + 1}/{b.rounds} {kind} {side:4s}: {len(r['step_s'])} steps, "
                               f"median {pooled([r], 'step_s', b.warmup):.3f} s/step, peak {r['peak_mb']:.0f} MB, "
                               f"{r['wall_s']:.0f} s wall", flush=True)
+                        if a.profile:
+                            print(f"[bench]   profile: {r['profile']}", flush=True)
         table, checks, ratios = summarise(results, b)
         table += f"\n\n({size}: {time.perf_counter() - t_size:.0f} s)"
         print("\n" + table + "\n", flush=True)
