@@ -215,7 +215,8 @@ def main(argv=None) -> int:
         return _child(args)
 
     if args.sweep:
-        sizes = [(N, SWEEP_D, V) for V in map(int, args.sweep_v.split(",")) for N in map(int, args.sweep_n.split(","))]
+        sizes = sorted(((N, SWEEP_D, V) for V in map(int, args.sweep_v.split(",")) for N in
+                        map(int, args.sweep_n.split(","))), key=lambda s: (s[0] * s[2], s))  # cheapest first
     else:
         sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     variants = ["naive", "fused", "fused+entropy"] + (["naive+entropy"] if args.naive_entropy else [])
@@ -232,6 +233,40 @@ def main(argv=None) -> int:
     if args.naive_entropy:
         header += ["naive+ent s", "naive+ent MB"]
     rows, verdicts, notes, measured = [], [], [], {}
+    def report(final):
+        """The table, notes, verdicts and growth so far: printed at the end, written to --out after every shape
+        (a sweep cut short keeps what it measured)."""
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        table = "\n".join(lines)
+        growth = growth_lines(measured) if args.sweep else []
+        took = (f"the benchmark took {time.perf_counter() - t_start:.0f} s (per shape, all its runs: "
+                + ", ".join(f"{N}x{V} {m['cost_s']:.0f} s" for (N, d, V), m in measured.items()) + ")")
+        if final:
+            print()
+            print(table)
+            for v in notes + verdicts + growth + [took]:
+                print(v)
+        else:
+            took += f"; PARTIAL: {len(rows)} of {len(sizes)} shapes so far"
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(f"fused log-probs benchmark ({args.device}, {args.dtype}, {mem_kind}; time = "
+                        f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'}; "
+                        f"{os.environ.get('OMP_NUM_THREADS', 'default')} OpenMP thread(s); command: python -m kernels.bench "
+                        f"{' '.join(sys.argv[1:])})\n\n{table}\n")
+                for v in notes:
+                    f.write(f"\n{v}\n")
+                if verdicts:
+                    f.write("\nTargets (time <= 1.0x naive, memory <= 1/8 of naive, at V >= 32k):\n\n"
+                            + "\n".join(f"- {v}" for v in verdicts) + "\n")
+                if growth:
+                    f.write("\nHow time and memory grow (log-log slope between the smallest and largest value of one "
+                            "dimension, the other fixed; 1.0 = linear):\n\n" + "\n".join(f"- {g}" for g in growth) + "\n")
+                f.write(f"\n{took}\n")
+            if args.sweep:
+                plot(measured, os.path.join(os.path.dirname(os.path.abspath(args.out)), "kernels.png"), mem_kind)
     for N, d, V in sizes:
         here = [v for v in variants if not (args.sweep and v == "fused+entropy" and (N, d, V) != TARGET_SIZE)]
         if any(v.startswith("naive") for v in here) and naive_bytes(N, d, V) > budget:
@@ -278,35 +313,10 @@ def main(argv=None) -> int:
                 f"(<= {TARGETS['time']:.2f}: {'ok' if ratios[0] <= TARGETS['time'] else 'MISSED'}), "
                 f"entropy/no-entropy time {ratios[2]:.2f} (<= {TARGETS['entropy']:.2f}: "
                 f"{'ok' if ratios[2] <= TARGETS['entropy'] else 'MISSED'})")
+        if args.out:
+            report(False)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    table = "\n".join(lines)
-    growth = growth_lines(measured) if args.sweep else []
-    took = (f"the benchmark took {time.perf_counter() - t_start:.0f} s (per shape, all its runs: "
-            + ", ".join(f"{N}x{V} {m['cost_s']:.0f} s" for (N, d, V), m in measured.items()) + ")")
-    print()
-    print(table)
-    for v in notes + verdicts + growth + [took]:
-        print(v)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(f"fused log-probs benchmark ({args.device}, {args.dtype}, {mem_kind}; time = "
-                    f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'}; "
-                    f"{os.environ.get('OMP_NUM_THREADS', 'default')} OpenMP thread(s); command: python -m kernels.bench "
-                    f"{' '.join(sys.argv[1:])})\n\n{table}\n")
-            for v in notes:
-                f.write(f"\n{v}\n")
-            if verdicts:
-                f.write("\nTargets (time <= 1.0x naive, memory <= 1/8 of naive, at V >= 32k):\n\n"
-                        + "\n".join(f"- {v}" for v in verdicts) + "\n")
-            if growth:
-                f.write("\nHow time and memory grow (log-log slope between the smallest and largest value of one "
-                        "dimension, the other fixed; 1.0 = linear):\n\n" + "\n".join(f"- {g}" for g in growth) + "\n")
-            f.write(f"\n{took}\n")
-        if args.sweep:
-            plot(measured, os.path.join(os.path.dirname(os.path.abspath(args.out)), "kernels.png"), mem_kind)
+    report(True)
     return 0
 
 
@@ -320,7 +330,8 @@ def growth_lines(measured):
             continue
         for o in others:
             for side in ("fused", "naive"):
-                pts = [(x, measured[(x, SWEEP_D, o) if axis == "N" else (o, SWEEP_D, x)]) for x in values]
+                keys = [((x, SWEEP_D, o) if axis == "N" else (o, SWEEP_D, x)) for x in values]
+                pts = [(x, measured[k]) for x, k in zip(values, keys) if k in measured]
                 pts = [(x, m) for x, m in pts if m[f"{side}_s"] == m[f"{side}_s"]]
                 if len(pts) < 2:
                     continue
