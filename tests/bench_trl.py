@@ -500,7 +500,7 @@ def main():
         table, checks, ratios = summarise(results, b)
         table += f"\n\n({size}: {time.perf_counter() - t_size:.0f} s)"
         print("\n" + table + "\n", flush=True)
-        tables.append(f"### {size}\n\n{table}")
+        tables.append(f"### {size}\n\n{table}\n")
         all_results[size] = results
         per_size[size] = (params or 0, ratios, b.size_label)
         n_met, n_checks = n_met + sum(checks), n_checks + len(checks)
