@@ -403,7 +403,7 @@ def size_table(per_size):
                                      for _, short, t, hb in SIZE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size, (params, ratios, settings) in per_size.items():
-        cells = [size, f"{params / 1e6:.1f}M"]
+        cells = [size, f"{params / 1e6:.1f}M" if params else "-"]
         for name, _, t, hb in SIZE_COLUMNS:
             if name not in ratios:
                 cells.append("-")
