@@ -49,11 +49,19 @@ case "$cmd" in
     fi
     setup
     exec python -m pytest -q tests "$@" ;;
-  bench)  # flags go to tests/bench_trl.py (--model M, --rounds N, ...); results in runs/bench/
-    setup; install requirements-bench.txt
+  bench)  # ./run.sh bench [flags of tests/bench_trl.py] | --kernels-full [flags of kernels.bench] | --gpu [flags of tests/gpu_check.py]
+    setup; install requirements-bench.txt; install requirements-demo.txt  # trl; matplotlib for the plots
     mkdir -p runs/bench
-    # the kernel benchmark at the size its targets are stated for, one round (~2-3 min on 2 CPU cores)
-    python -m kernels.bench --sizes 4096x896x151936 --repeats 1 --out runs/bench/kernels.md
+    if [ "${1:-}" = "--gpu" ]; then  # on a CUDA machine: kernel values/gradients, timings, GRPO of a 0.5B shape
+      shift; exec python tests/gpu_check.py "$@"
+    fi
+    if [ "${1:-}" = "--kernels-full" ]; then  # N {1k,4k,16k} x V {32k,152k,256k}, d 896 (~20-25 min on 2 CPU cores)
+      shift; OMP_NUM_THREADS=1 exec python -m kernels.bench --sweep --clock cpu --repeats 1 --out runs/bench/kernels.md "$@"
+    fi
+    # the kernel at N {1k,4k} x V {32k,152k} (the full sweep: --kernels-full), one thread, CPU time, one round;
+    # then ours vs TRL at three model sizes (runs/bench/summary.md, sizes.png)
+    OMP_NUM_THREADS=1 python -m kernels.bench --sweep --sweep-n 1024,4096 --sweep-v 32000,151936 --clock cpu \
+      --repeats 1 --out runs/bench/kernels.md
     python tests/bench_trl.py "$@" ;;
   sft|dft|otr|grpo|chord|prefix_rft|relift|kdrl|luffy|hpt|srft|uft)
     setup

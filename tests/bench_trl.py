@@ -44,7 +44,61 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-TARGETS = {"sft_tokens_per_s": 1.3, "grpo_step_s": 0.67, "peak_mb": 1.0}  # issue 11: ours/TRL >= 1.3, <= 0.67, <= 1
+TARGETS = {"sft_tokens_per_s": 1.5, "grpo_step_s": 0.5, "peak_mb": 1.0}  # issue 23: ours/TRL >= 1.5, <= 0.5, <= 1
+
+# Model sizes (issue 23): the embedded 0.6M model, and two randomly initialised Qwen2-architecture models built
+# locally with the embedded tokenizer (83 tokens) and saved under $POSTRAIN_CACHE/bench/<name>. A random model earns
+# exact-match reward 0 everywhere (every group: advantage 0), so at those sizes both sides get the same reward with
+# variance, `digit_reward` below (ours: --reward tests/bench_trl.py:digit_reward; TRL: the same function), and the
+# same smaller GRPO batch (4 prompts x G 8, 16 new tokens) and SFT lr 3e-4 (3e-3, the embedded recipe's, is for
+# 0.6M parameters). Fewer steps and one round at the larger sizes keep the whole benchmark near 15 minutes.
+SIZES = {
+    "embedded": dict(config=None, sft_steps=None, grpo_steps=None, rounds=None, warmup=None, sft_extra=[],
+                     grpo_extra=[]),
+    "8m": dict(config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                           num_key_value_heads=2), sft_steps=10, grpo_steps=10, rounds=2, warmup=2),
+    "40m": dict(config=dict(hidden_size=512, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=2), sft_steps=8, grpo_steps=6, rounds=1, warmup=2),
+}
+RANDOM_SFT = ["--lr", "3e-4"]
+RANDOM_GRPO = ["--prompts-per-step", "4", "--max-new-tokens", "16", "--reward", "tests/bench_trl.py:digit_reward"]
+
+
+def digit_reward(text, example):
+    """The benchmark's reward for randomly initialised models: the fraction of digits in the completion (it varies
+    within every group, so no group has zero advantage on either side)."""
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+def build_size(name):
+    """A randomly initialised Qwen2 of SIZES[name] with the embedded tokenizer, cached; returns (path, parameters)."""
+    import common
+    import data
+    if SIZES[name]["config"] is None:
+        path = data.resolve_model("embedded")
+    else:
+        path = common.CACHE / "bench" / name
+        if not (path / "config.json").exists():
+            import torch
+            from transformers import AutoModelForCausalLM, Qwen2Config
+            tok = data.build_embedded_tokenizer()
+            cfg = Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              bos_token_id=tok.eos_token_id, **{**data.TINY, **SIZES[name]["config"]})
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg)
+            model.generation_config.pad_token_id = tok.pad_token_id
+            model.generation_config.eos_token_id = tok.eos_token_id
+            tmp = path.with_name(name + ".tmp")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, path)
+    import json as _json
+    cfg = _json.loads((Path(path) / "config.json").read_text())
+    h, i, n, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    params = V * h * (1 if cfg.get("tie_word_embeddings") else 2) + n * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * i
+                                                                          + 2 * h) + h
+    return str(path), params
 
 
 OUR_AGG = {"dapo": "token_mean", "grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm"}  # TRL -> ours
@@ -52,7 +106,8 @@ TRL_LOSS_TYPE = {v: k for k, v in OUR_AGG.items()}
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="any causal LM; default: embedded for SFT, embedded:warm for GRPO")
+    ap.add_argument("--model", default=None, help="any causal LM (then --sizes is ignored); default: the --sizes")
+    ap.add_argument("--sizes", default="embedded,8m,40m", help=f"comma-separated model sizes of {list(SIZES)}")
     ap.add_argument("--sft-steps", type=int, default=40, help="optimizer steps per SFT run")
     ap.add_argument("--grpo-steps", type=int, default=16, help="rollout steps per GRPO run")
     ap.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the medians")
@@ -63,6 +118,9 @@ def parse():
     ap.add_argument("--clock", default=None, choices=["cpu", "wall"], help="step clock: process CPU time (default "
                     "with 1 thread: what a step costs, whatever else the machine runs) or wall time (default otherwise)")
     ap.add_argument("--eval-size", type=int, default=8, help="our start/end held-out evaluation (not timed)")
+    ap.add_argument("--profile", action="store_true", help="where the time goes: one round per size under "
+                    "torch.profiler (CPU), self time by op class (matmul, attention, the rest) and the top ops per side "
+                    "into <out>/profile_<size>_<kind>_<side>.txt (the profiler's overhead inflates the small ops)")
     ap.add_argument("--only", default=None, choices=["sft", "grpo"], help="run one of the two comparisons")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="summary.md and results.json go here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: {ours,trl}_{sft,grpo}
@@ -75,7 +133,10 @@ def parse():
 # ----------------------------------------------------------------------------------------------------------------
 def our_argv(kind, a, seed):
     model = a.model or ("embedded" if kind == "sft" else "embedded:warm")
-    argv = ["--model", model, "--recipe", "embedded", "--eval-size", str(a.eval_size), "--eval-every", "0",
+    extra = []
+    if not a.model and a.size != "embedded":
+        model, extra = a.size_path, (RANDOM_SFT if kind == "sft" else RANDOM_GRPO)
+    argv = extra + ["--model", model, "--recipe", "embedded", "--eval-size", str(a.eval_size), "--eval-every", "0",
             "--eval-samples", "0", "--save-every", "0", "--quiet", "--seed", str(seed)]
     if kind == "sft":
         return argv + ["--max-steps", str(a.sft_steps)]
@@ -108,7 +169,7 @@ def run_side(side, kind, a, work, seed):
     job, out = work / f"{side}_{kind}.json", work / f"{side}_{kind}"
     argv = our_argv(kind, a, seed) + ["--output-dir", str(out), "--overwrite"]
     job.write_text(json.dumps({"argv": argv, "args": resolved(kind, argv), "threads": a.threads, "clock": a.clock,
-                               "out": str(out)}, default=str))
+                               "out": str(out), "profile": a.profile}, default=str))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{side}_{kind}", "--job", str(job)]
     t0 = time.perf_counter()
     peak = spawn(cmd, work / f"{side}_{kind}.log")
@@ -126,7 +187,31 @@ def run_side(side, kind, a, work, seed):
                    "reward": [r["train/reward"] for r in steps], "loss": [r["train/loss"] for r in steps]}
             res["step_s"] = [g + t for g, t in zip(res["gen_s"], res["train_s"])]
     res.update(peak_mb=peak, wall_s=wall, seed=seed)
+    if a.profile:
+        text = (out / "profile.txt").read_text()
+        (Path(a.out) / f"profile_{a.size}_{kind}_{side}.txt").write_text(text)
+        res["profile"] = json.loads((out / "profile.json").read_text())
     return res
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot")
+
+
+def profiled(fn, out):
+    """Run fn() under torch.profiler (CPU); write the op table (self CPU time) and the shares by op class."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    share = {"matmul": sum(e.self_cpu_time_total for e in ev if e.key in MATMUL_OPS) / total,
+             "attention": sum(e.self_cpu_time_total for e in ev if "scaled_dot_product" in e.key
+                              or "flash_attention" in e.key) / total}
+    share["rest"] = 1 - share["matmul"] - share["attention"]
+    share["total_s"] = total / 1e6
+    (out / "profile.json").write_text(json.dumps(share))
+    (out / "profile.txt").write_text(f"shares of self CPU time: {json.dumps(share)}\n\n"
+                                     + ev.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def ours_worker(kind, cfg):
@@ -140,6 +225,8 @@ def ours_worker(kind, cfg):
         common.timer = time.process_time
     method = load_method(kind)
     sys.argv = [str(REPO / "methods" / f"{kind}.py"), *cfg["argv"]]
+    if cfg.get("profile"):
+        return profiled(method.main, Path(cfg["out"]))
     method.main()
 
 
@@ -204,17 +291,18 @@ def trl_worker(kind, cfg):
                          lr_scheduler_type="cosine", warmup_steps=int(a["warmup_ratio"] * a["max_steps"]),
                          **common_cfg)
         trainer = Trainer(model=model, args=conf, train_dataset=ds, processing_class=tokenizer, callbacks=[timer])
-        trainer.train()
+        profiled(trainer.train, out) if cfg.get("profile") else trainer.train()
         res = {"step_s": timer.step_s, "tokens": tokens, "loss": [lg["loss"] for lg in timer.logs if "loss" in lg]}
     else:
         from trl import GRPOConfig, GRPOTrainer
         rows = data.load_examples("embedded", need_response=False, embedded_split="rl")
-        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                                         for r in rows])
+        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"],
+                                          "answer_format": r["answer_format"]} for r in rows])
+        ours = rollout.get_reward_fn(a["reward"], a["reward_weights"], a["answer_format"], a["dataset"])
 
-        def reward(completions, answer, **kw):  # our exact-match reward on the completion text
-            return [rollout.exact_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": x})
-                    for c, x in zip(completions, answer)]
+        def reward(completions, answer, answer_format, **kw):  # our reward (--reward) on the completion text
+            return [ours(c[0]["content"] if isinstance(c, list) else c, {"answer": x, "answer_format": f})
+                    for c, x, f in zip(completions, answer, answer_format)]
 
         gen_s = []
 
@@ -236,7 +324,7 @@ def trl_worker(kind, cfg):
                           warmup_steps=a["warmup_steps"], **common_cfg)
         trainer = Trainer(model=model, reward_funcs=reward, args=conf, train_dataset=ds, processing_class=tokenizer,
                           callbacks=[timer])
-        trainer.train()
+        profiled(trainer.train, out) if cfg.get("profile") else trainer.train()
         logs = [lg for lg in timer.logs if "reward" in lg]
         res = {"step_s": timer.step_s, "gen_s": gen_s, "train_s": [s - g for s, g in zip(timer.step_s, gen_s)],
                "reward": [lg["reward"] for lg in logs], "loss": [lg["loss"] for lg in logs]}
@@ -252,6 +340,7 @@ def pooled(runs, key, warmup):
 
 def summarise(results, a):
     lines, checks = ["| measure | ours | TRL | ours / TRL | per round | target |", "|---|---|---|---|---|---|"], []
+    ratios = {}
 
     def row(name, kind, key, target=None, higher_better=False, fmt="{:.3f}"):
         o, t = results[kind]["ours"], results[kind]["trl"]
@@ -262,6 +351,7 @@ def summarise(results, a):
             ours, trl = pooled(o, key, a.warmup), pooled(t, key, a.warmup)
             rounds = [pooled([r1], key, a.warmup) / pooled([r2], key, a.warmup) for r1, r2 in zip(o, t)]
         ratio = ours / trl
+        ratios[name] = (ours, trl, ratio)
         ok = None if target is None else (ratio >= target if higher_better else ratio <= target)
         tgt = "" if target is None else f"{'>=' if higher_better else '<='} {target} ({'met' if ok else 'MISSED'})"
         lines.append(f"| {name} | {fmt.format(ours)} | {fmt.format(trl)} | {ratio:.2f} | "
@@ -291,11 +381,69 @@ def summarise(results, a):
             traj.append(f"- {kind} {key} {side:4s}: round 1 first {[round(x, 3) for x in runs[0][:3]]}, last "
                         f"{[round(x, 3) for x in runs[0][-3:]]}; mean of the last {k} steps per round (seed 0, 1, ..): "
                         f"{' '.join(f'{x:.3f}' for x in tails)}")
-    head = (f"Ours vs TRL on the same work ({a.model or 'embedded default'}; {a.threads} thread(s), {a.clock} clock; "
+    head = (f"Ours vs TRL on the same work ({a.model or a.size_label}; {a.threads} thread(s), {a.clock} clock; "
             f"{a.rounds} rounds "
             f"alternating the sides, seed = round; medians over the steps after the first {a.warmup} of every run; "
             f"SFT {a.sft_steps} steps, GRPO {a.grpo_steps} steps, loss type {a.loss_type})")
-    return "\n".join([head, "", *lines, "", "Trajectories (same settings, different sample order):", *traj]), checks
+    return "\n".join([head, "", *lines, "", "Trajectories (same settings, different sample order):", *traj]), checks, \
+        ratios
+
+
+SIZE_COLUMNS = [("SFT tokens/s (median)", "SFT tokens/s", TARGETS["sft_tokens_per_s"], True),
+                ("SFT peak RSS MB", "SFT peak", TARGETS["peak_mb"], False),
+                ("GRPO s/step (median)", "GRPO s/step", TARGETS["grpo_step_s"], False),
+                ("GRPO generation s/step", "GRPO gen", None, False),
+                ("GRPO training s/step", "GRPO train", None, False),
+                ("GRPO peak RSS MB", "GRPO peak", TARGETS["peak_mb"], False)]
+
+
+def size_table(per_size):
+    """One row per model size: ours/TRL for every measure (targets marked)."""
+    head = ["size", "parameters"] + [f"{short}{'' if t is None else (' (>= ' if hb else ' (<= ') + str(t) + ')'}"
+                                     for _, short, t, hb in SIZE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size, (params, ratios, settings) in per_size.items():
+        cells = [size, f"{params / 1e6:.1f}M" if params else "-"]
+        for name, _, t, hb in SIZE_COLUMNS:
+            if name not in ratios:
+                cells.append("-")
+                continue
+            r = ratios[name][2]
+            ok = "" if t is None else (" met" if (r >= t if hb else r <= t) else " MISSED")
+            cells.append(f"{r:.2f}{ok}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sizes(per_size, path):
+    """s/step against parameters, ours and TRL, SFT and GRPO (log-log)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib is not installed: no plot (pip install -r requirements-demo.txt)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (name, title) in zip(axes, [("SFT s/step (median)", "SFT (batch 64)"),
+                                        ("GRPO s/step (median)", "GRPO (embedded: 32x8 rows, 40 tokens;\n"
+                                                                 "random models: 4x8 rows, 16 tokens)")]):
+        pts = [(p, r[name]) for p, r, _ in per_size.values() if name in r]
+        if not pts:
+            continue
+        xs = [p for p, _ in pts]
+        for k, side, style in ((0, "ours", "o-"), (1, "TRL", "s--")):
+            ax.plot(xs, [r[k] for _, r in pts], style, label=side)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("s/step (median, 1 thread)")
+        ax.set_title(f"{title}: ours vs TRL", fontsize=9)
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"[bench] wrote {path}")
 
 
 def main():
@@ -307,29 +455,65 @@ def main():
     os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))  # both sides alike
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    import copy
     import data
+    sizes = ["model"] if a.model else [s.strip() for s in a.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES and s != "model"]
+    if bad:
+        raise SystemExit(f"error: unknown --sizes {bad}; choose from {list(SIZES)}")
     kinds = [k for k in ("sft", "grpo") if a.only in (None, k)]
-    for kind in kinds:  # build the cached embedded checkpoints first, outside any timing
-        data.resolve_model(a.model or ("embedded" if kind == "sft" else "embedded:warm"))
     import trl
-    results, t_start = {k: {"ours": [], "trl": []} for k in kinds}, time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
-        work = Path(tmp)
-        for rnd in range(a.rounds):
+    t_start, all_results, per_size, tables, n_met, n_checks = time.perf_counter(), {}, {}, [], 0, 0
+    for size in sizes:
+        b = copy.copy(a)
+        b.size = size
+        if a.model:
+            b.size_label, params = a.model, None
             for kind in kinds:
-                for side in ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours"):  # alternate who goes first
-                    r = run_side(side, kind, a, work, rnd)
-                    results[kind][side].append(r)
-                    print(f"[bench] round {rnd + 1}/{a.rounds} {kind} {side:4s}: {len(r['step_s'])} steps, median "
-                          f"{pooled([r], 'step_s', a.warmup):.3f} s/step, peak {r['peak_mb']:.0f} MB, "
-                          f"{r['wall_s']:.0f} s wall", flush=True)
-    table, checks = summarise(results, a)
+                data.resolve_model(a.model)
+        else:
+            b.size_path, params = build_size(size)  # outside any timing
+            if size == "embedded":
+                data.resolve_model("embedded:warm")
+            cfg = SIZES[size]
+            for key in ("sft_steps", "grpo_steps", "rounds", "warmup"):
+                if cfg.get(key) is not None:
+                    setattr(b, key, cfg[key])
+        if a.profile:
+            b.rounds = 1
+            b.size_label = (f"embedded default, {params / 1e6:.1f}M parameters" if size == "embedded" else
+                            f"random Qwen2 '{size}', {params / 1e6:.1f}M parameters: {cfg['config']}; SFT extra flags "
+                            f"{' '.join(RANDOM_SFT)}; GRPO extra flags {' '.join(RANDOM_GRPO)}")
+        results, t_size = {k: {"ours": [], "trl": []} for k in kinds}, time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+            work = Path(tmp)
+            for rnd in range(b.rounds):
+                for kind in kinds:
+                    for side in ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours"):  # alternate who goes first
+                        r = run_side(side, kind, b, work, rnd)
+                        results[kind][side].append(r)
+                        print(f"[bench] {size} round {rnd + 1}/{b.rounds} {kind} {side:4s}: {len(r['step_s'])} steps, "
+                              f"median {pooled([r], 'step_s', b.warmup):.3f} s/step, peak {r['peak_mb']:.0f} MB, "
+                              f"{r['wall_s']:.0f} s wall", flush=True)
+                        if a.profile:
+                            print(f"[bench]   profile: {r['profile']}", flush=True)
+        table, checks, ratios = summarise(results, b)
+        table += f"\n\n({size}: {time.perf_counter() - t_size:.0f} s)"
+        print("\n" + table + "\n", flush=True)
+        tables.append(f"### {size}\n\n{table}\n")
+        all_results[size] = results
+        per_size[size] = (params or 0, ratios, b.size_label)
+        n_met, n_checks = n_met + sum(checks), n_checks + len(checks)
+    summary = ["## Ours / TRL per model size (1 thread, CPU clock; every ratio is ours / TRL)", "",
+               size_table(per_size), "", *tables]
     footer = (f"\ntrl {trl.__version__}; the benchmark took {time.perf_counter() - t_start:.0f} s; "
               f"command: python tests/bench_trl.py {' '.join(sys.argv[1:])}")
-    print("\n" + table + footer)
-    (out / "summary.md").write_text(table + "\n" + footer + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"[bench] wrote {out / 'summary.md'} ({sum(checks)}/{len(checks)} targets met)")
+    print("\n" + size_table(per_size) + footer)
+    (out / "summary.md").write_text("\n".join(summary) + "\n" + footer + "\n")
+    (out / "results.json").write_text(json.dumps(all_results, indent=1))
+    if not a.model and len(per_size) > 1:
+        plot_sizes(per_size, out / "sizes.png")
+    print(f"[bench] wrote {out / 'summary.md'} ({n_met}/{n_checks} targets met)")
 
 
 if __name__ == "__main__":
