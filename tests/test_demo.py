@@ -74,3 +74,34 @@ def test_paired_gain_is_the_standard_error_of_per_problem_differences(tmp_path):
     unpaired = math.sqrt(sum((x - sum(first) / n) ** 2 for x in first) / (n - 1) / n
                          + sum((x - sum(last) / n) ** 2 for x in last) / (n - 1) / n)
     assert got_se < unpaired  # correlated start and end: pairing removes the between-problem spread
+
+
+def test_every_method_file_is_in_the_demo_and_in_run_sh():
+    """A new method file runs as ./run.sh METHOD and has a row in the demo (./run.sh): nothing is left out."""
+    files = sorted(p.stem for p in (REPO / "methods").glob("*.py"))
+    case = next(ln for ln in (REPO / "run.sh").read_text().splitlines() if ln.strip().startswith("sft|"))
+    assert sorted(case.strip().rstrip(")").split("|")) == files
+    assert sorted({method for method, _ in demo.RUNS.values()}) == files
+
+
+@pytest.mark.slow
+def test_summary_row_and_curves_from_a_real_run(tmp_path):
+    """demo.summarize reads a method's own files: the row's start/final accuracies and standard errors are those of
+    metrics.jsonl, its gain is paired_gain's, and curves.png is written."""
+    out = tmp_path / "grpo"
+    run_method("grpo", "--max-steps", 2, "--eval-every", 1, "--eval-size", 12, "--eval-samples", 2,
+               "--prompts-per-step", 2, "--num-generations", 4, "--save-every", 0, "--quiet", "--output-dir", out,
+               env={"OMP_NUM_THREADS": "1"})
+    table, curves, rows = demo.summarize({"grpo": (12.5, out)})
+    ev = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/sampled_accuracy" in r]
+    assert [r["step"] for r in ev] == [0, 1, 2] and len(rows) == 1
+    r = rows[0]
+    assert (r["s0"], r["s1"], r["s1_se"], r["g0"], r["steps"]) == (
+        ev[0]["eval/sampled_accuracy"], ev[-1]["eval/sampled_accuracy"], ev[-1]["eval/sampled_accuracy_se"],
+        ev[0]["eval/accuracy"], 2)
+    assert (r["s"], r["s_se"]) == demo.paired_gain(out, "sampled")
+    assert r["s"] == pytest.approx(r["s1"] - r["s0"], abs=1e-3)  # the mean of differences is the difference of means
+    assert table.count("\n") == 2 and "| grpo | embedded:warm |" in table
+    pytest.importorskip("matplotlib")  # ./run.sh (demo) installs it; the test environment may not have it
+    demo.plot(curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
