@@ -232,8 +232,10 @@ def test_hpt_end_to_end(tmp_path):
         assert k in train[0], k
     for r in train:  # a gated question trains its demonstration; none gated: no SFT term
         assert (r["train/sft_loss"] > 0) == (r["train/frac_gated"] > 0)
-    # every question gated (gate = G - 1): pure SFT, RL term 0; a skip threshold below every norm: no update
-    train = _run(tmp_path, "--gate", 3, "--skip-grad-norm", "1e-9", "--clip", "--sft-agg", "per_microbatch")
+    # every question gated (the untrained model solves none): pure SFT, RL term 0; a skip threshold below every
+    # norm: no update
+    train = _run(tmp_path, "--model", "embedded", "--gate", 3, "--skip-grad-norm", "1e-9", "--clip", "--sft-agg",
+                 "per_microbatch")
     assert all(r["train/frac_gated"] == 1.0 and r["train/rl_loss"] == 0.0 and r["train/sft_loss"] > 0
                and r["train/skipped"] == 1.0 for r in train)
     assert math.isfinite(train[1]["train/loss"])
