@@ -479,11 +479,11 @@ def main():
             for key in ("sft_steps", "grpo_steps", "rounds", "warmup"):
                 if cfg.get(key) is not None:
                     setattr(b, key, cfg[key])
-        if a.profile:
-            b.rounds = 1
             b.size_label = (f"embedded default, {params / 1e6:.1f}M parameters" if size == "embedded" else
                             f"random Qwen2 '{size}', {params / 1e6:.1f}M parameters: {cfg['config']}; SFT extra flags "
                             f"{' '.join(RANDOM_SFT)}; GRPO extra flags {' '.join(RANDOM_GRPO)}")
+        if a.profile:
+            b.rounds = 1
         results, t_size = {k: {"ours": [], "trl": []} for k in kinds}, time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
             work = Path(tmp)
