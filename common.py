@@ -680,8 +680,12 @@ class MetricsLogger:
                 self.bar.update(advance)
             return given
         self.logged.add((step, _row_kind(rec)))
+        per_problem = rec.pop("eval/per_problem", None)  # rollout.eval_metrics: each problem's held-out scores
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if per_problem:
+            with open(self.outcomes_path, "a") as f:
+                f.write(json.dumps({"step": step, **per_problem}) + "\n")
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.tb:
             for k, v in scalars.items():

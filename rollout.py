@@ -405,32 +405,29 @@ def standard_error(x):
     return (x.std() / len(x) ** 0.5).item() if len(x) > 1 else float("nan")
 
 
-def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, log=None, step=0, show=True):
+def eval_metrics(model, tokenizer, examples, reward_fn, d, args, engine=None, log=None, step=0):
     """The held-out metrics every method logs: greedy accuracy, and with --eval-samples k > 0 also mean@k, the mean
     reward of k samples per prompt at --eval-temperature (the papers' avg@k: DFT avg@16 at T=1, DAPO avg@32), each
     with its standard error over problems (eval/*_se). The sampling seeds are the same at every evaluation, so two
-    evaluations of one run are paired: with a MetricsLogger `log` each problem's scores go to eval_outcomes.jsonl,
-    from which the standard error of a gain is the spread of per-problem differences (demo.py). No held-out examples
-    (--eval-size 0): no metrics. With `log` and `show`, a few greedy held-out completions go to its completions.jsonl
-    (the teacher-forcing methods have no rollouts to show; the rollout methods pass show=False)."""
+    evaluations of one run are paired: each problem's scores (eval/per_problem, which MetricsLogger.log writes to
+    eval_outcomes.jsonl) give the standard error of a gain as the spread of per-problem differences (demo.py). No
+    held-out examples (--eval-size 0): no metrics. With a MetricsLogger `log`, a few greedy held-out completions go to
+    its completions.jsonl (the teacher-forcing methods have no rollouts to show)."""
     if not examples:
         return {}
     if all(e.get("answer") is None for e in examples):  # SFT data without answers: the held-out loss
         return {"eval/nll": heldout_nll(model, tokenizer, examples, d)}
-    keep = [] if log is not None and show else None
+    keep = [] if log is not None else None
     greedy = per_problem(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, engine=engine, keep=keep)
-    out, outcomes = {"eval/accuracy": greedy.mean().item(), "eval/accuracy_se": standard_error(greedy)}, {"greedy": greedy}
-    if keep is not None:
+    out = {"eval/accuracy": greedy.mean().item(), "eval/accuracy_se": standard_error(greedy),
+           "eval/per_problem": {"greedy": [round(v, 4) for v in greedy.tolist()]}}
+    if log is not None:
         log_completions(log, step, tokenizer, keep)
     if args.eval_samples > 0:
         sampled = per_problem(model, tokenizer, examples, reward_fn, d, args.max_new_tokens, k=args.eval_samples,
                               temperature=args.eval_temperature, engine=engine)
         out.update({"eval/sampled_accuracy": sampled.mean().item(), "eval/sampled_accuracy_se": standard_error(sampled)})
-        outcomes["sampled"] = sampled
-    if log is not None and log.d.is_main:  # per-problem scores (k samples' mean), for paired comparisons
-        rec = {"step": step, **{key: [round(v, 4) for v in x.tolist()] for key, x in outcomes.items()}}
-        with open(log.outcomes_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        out["eval/per_problem"]["sampled"] = [round(v, 4) for v in sampled.tolist()]
     return out
 
 

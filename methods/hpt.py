@@ -276,8 +276,7 @@ def main():
     recompute_old = args.steps_per_generation > 1 or args.num_iterations > 1 or engine is not None
 
     def run_eval(step):  # held-out accuracy (and mean@k), logged
-        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine, log,
-                                                  step, show=False))
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine))
 
     if start == 0:
         run_eval(0)

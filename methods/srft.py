@@ -274,8 +274,7 @@ def main():
     recompute_old = engine is not None  # SRFT: no ratio uses pi_old; only the vLLM gap check needs it
 
     def run_eval(step):  # held-out accuracy (and mean@k), logged
-        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine, log,
-                                                  step, show=False))
+        return log.log(step, rollout.eval_metrics(model, tokenizer, evalset, reward_fn, d, args, engine))
 
     if start == 0:
         run_eval(0)

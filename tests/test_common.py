@@ -265,8 +265,9 @@ def test_eval_metrics_greedy_and_mean_at_k():
     comps, _, _ = rollout.generate(model, tok, [e["prompt_ids"] for e in ex], 1, 40, 0.0, seed=0)
     right = [rollout.exact_reward(t, e) for t, e in zip(tok.batch_decode(comps, skip_special_tokens=True), ex)]
     p, n = sum(right) / len(ex), len(ex)  # the standard error of a mean of 0/1 outcomes: sqrt(p (1 - p) / (n - 1))
-    assert rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A()) == pytest.approx(
-        {"eval/accuracy": greedy, "eval/accuracy_se": (p * (1 - p) / (n - 1)) ** 0.5}) and greedy == pytest.approx(p)
+    m = rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A())
+    assert m.pop("eval/per_problem") == {"greedy": right} and greedy == pytest.approx(p)
+    assert m == pytest.approx({"eval/accuracy": greedy, "eval/accuracy_se": (p * (1 - p) / (n - 1)) ** 0.5})
     m = rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A(eval_samples=3))
     comps, _, _ = rollout.generate(model, tok, [e["prompt_ids"] for e in ex], 3, 40, 0.7, 1.0, seed=0)
     texts = tok.batch_decode(comps, skip_special_tokens=True)
@@ -274,7 +275,8 @@ def test_eval_metrics_greedy_and_mean_at_k():
     expected = sum(per) / n  # mean@3; its standard error is over problems (the 3 samples of one are not independent)
     se = (sum((x - expected) ** 2 for x in per) / (n - 1) / n) ** 0.5
     assert m["eval/accuracy"] == greedy and m["eval/sampled_accuracy"] == pytest.approx(expected)
-    assert m["eval/sampled_accuracy_se"] == pytest.approx(se)
+    assert m["eval/sampled_accuracy_se"] == pytest.approx(se) and m["eval/per_problem"]["sampled"] == pytest.approx(
+        per, abs=1e-4)
     assert m == rollout.eval_metrics(model, tok, ex, rollout.exact_reward, d, A(eval_samples=3))
     assert 0 < expected < 1 and expected != greedy
 

@@ -355,7 +355,9 @@ def test_heldout_samples_logged_for_teacher_forcing_methods(tiny_dir, tok, tmp_p
     assert len(recs) == 4 and all(r["step"] == 3 and r["advantage"] is None for r in recs)
     assert [r["answer"] for r in recs] == [e["answer"] for e in ex[:4]]
     assert all(r["reward"] == rollout.exact_reward(r["completion"], {"answer": r["answer"], "answer_format": "hash"})
-               for r in recs) and list(acc) == ["eval/accuracy", "eval/accuracy_se"]
+               for r in recs) and list(acc) == ["eval/accuracy", "eval/accuracy_se", "eval/per_problem"]
+    log.log(3, acc)  # the logger writes each problem's scores to eval_outcomes.jsonl, the scalars to metrics.jsonl
+    assert "eval/per_problem" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     outcomes = [json.loads(x) for x in (tmp_path / "eval_outcomes.jsonl").read_text().splitlines()]
     assert len(outcomes) == 1 and outcomes[0]["step"] == 3 and len(outcomes[0]["greedy"]) == 6
     assert sum(outcomes[0]["greedy"]) / 6 == pytest.approx(acc["eval/accuracy"], abs=1e-4)
