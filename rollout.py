@@ -80,14 +80,14 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=64, temperature=1.0,
     with full_params(model), torch.inference_mode(not hasattr(model, "unshard")):
         ids, attn, n, cache = _shared_prefill(lm, ids.to(dev), attn.to(dev), n)
         try:
-                   out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                     num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, use_cache=True, **cache, **kw)
+            out = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                              num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, use_cache=True, **cache, **kw)
         except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities: the weights have diverged
-                   if "probability tensor contains" not in str(e):
-                       raise
-                   raise common.UserError("sampling failed: the model's next-token probabilities are NaN/inf (its weights have "
-                                          "diverged); the last complete checkpoint is intact. Lower --lr (or --max-grad-norm)") \
-                       from None
+            if "probability tensor contains" not in str(e):
+                raise
+            raise common.UserError("sampling failed: the model's next-token probabilities are NaN/inf (its weights "
+                                   "have diverged); the last complete checkpoint is intact. Lower --lr (or "
+                                   "--max-grad-norm)") from None
     lm.train(was_training)
     comp = out[:, P:].tolist()
     completions, finished = [], []

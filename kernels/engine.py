@@ -5,8 +5,9 @@ the rows that predict a loss token, without ever building (B, L, V) logits.
 (their gradient hooks and the unsharding of the root parameters, embeddings and lm_head, need that). Its body pass
 (`_decoder_hidden`) is padding-free where a one-time probe per model shows it exact: the real tokens of every row
 are packed into one sequence and attention runs per length group (`_packed_hidden`, `_packed_attention`); GRPO-style
-batches (many completions of one prompt) run the shared prompt once into a KV cache. Models the probe refuses
-(other attention implementations, sliding windows, dropout) keep plain padded passes.
+batches (many completions of one prompt) pack the shared prompt once, in the same pass, and every completion attends
+to its keys and values. Models the probe refuses (other attention implementations, sliding windows, dropout) keep
+plain padded passes (there the shared prompt runs once into a KV cache).
 
 Global state: the packed attention reaches the model through Hugging Face's attention registry: the registered
 "sdpa" function is wrapped once so that a call carrying `postrain_spans` takes the packed path and every other call
@@ -90,20 +91,25 @@ def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None,
     * the hidden state at i - 1 predicts token i, so a row's tokens from its last target on are never inputs and
       are cut (the EOS and the right padding of SFT/RL batches);
     * rows that begin with the same context (the G completions of a GRPO prompt: same tokens before the first
-      target) share it: the body runs on each distinct context once into a KV cache, and the rest of every row
-      (its suffix) attends to that cache; gradients flow back through the cache into the shared pass.  On the
-      embedded GRPO batch this is a third fewer tokens;
-    * then one padding-free pass: the real input tokens every row still needs are packed into one sequence, rows
-      sorted by length in groups each padded to its own longest row, attention per row (and to the row's shared
-      context's cached keys and values) (`_packed_hidden`; SDPA models with full attention in every layer,
-      checked once per model by a probe).  Forward + backward, one thread, against the padded passes below: the
-      embedded SFT batch 9% faster, the embedded GRPO batch (32 prompts x 8) 5% faster;
-    * otherwise the suffixes are sorted by length and split into up to `max_groups` groups of at least
+      target) share it: each distinct context is computed once and the rest of every row (its suffix) attends to
+      its keys and values, gradients flowing back into the shared tokens.  On the embedded GRPO batch this is a
+      third fewer tokens;
+    * one padding-free pass (`_packed_hidden`; SDPA models with full attention in every layer, checked once per
+      model by a probe): the contexts and the real input tokens every row still needs are packed into one
+      sequence, rows sorted by length in groups each padded to its own longest row, attention per row (and to the
+      row's context, packed in the same pass).  One pass, not a context pass and then the rest: each weight then
+      gets one gradient matmul over all tokens instead of a second thin one (K = the context tokens) and a sum,
+      which cost GRPO forward + backward 11% at 0.6M, 4% at 8M and 6-17% at 40M parameters (A/B, one thread).
+      Forward + backward against the padded passes below: the embedded SFT batch 9% faster, the embedded GRPO batch
+      (32 prompts x 8) 5% faster (before the one-pass contexts, which took another 11% off it);
+    * otherwise the contexts run once into a KV cache (when the body may run more than once) and the suffixes are
+      sorted by length and split into up to `max_groups` groups of at least
       `rows_per_group` rows, each trimmed to its own longest row, when that saves over 5% of the padded tokens;
       with no shared context and right-padded rows (ones, then zeros) no attention mask is passed: under the causal
       mask a real token never sees a later pad, so SDPA takes its causal path without building a mask.
     The results equal one plain pass up to float rounding.  One or two host syncs (the mask and the prompt tokens).
-    Under FSDP2 or gradient checkpointing, and with dropout while training, it is one pass (packed when possible).
+    Under FSDP2 or gradient checkpointing the packed pass (contexts included) is still one pass; without packing it
+    is then one plain pass, as with dropout while training.
     `context_mask` (B, L): more scored tokens that may lie inside a row's shared context (UFT's hint, the same in
     all G completions of a prompt): they extend the rows like loss_mask tokens but do not end the shared context,
     whose hidden states (with their gradient) serve them.
@@ -135,10 +141,11 @@ def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None,
     need = last.clamp(min=1).tolist()
     first = [min(f, n) for f, n in zip(first.tolist(), need)]
     multi_pass = _multi_pass_ok(lm)
+    packing = _packing_ok(lm)
 
-    # 1. shared contexts: one pass over each distinct context, kept as a KV cache
-    cache, hu, prefix, gid = None, None, [0] * B, [0] * B
-    if multi_pass and multi_pass != "no_cache":
+    # 1. shared contexts: rows that begin with the same tokens (ids, mask and positions) before their first target
+    cache, hu, prefix, gid, rep = None, None, [0] * B, [0] * B, []
+    if packing or (multi_pass and multi_pass != "no_cache"):
         P = max(first)
         rows = torch.cat([input_ids[:, :P], am[:, :P], pos[:, :P]], 1).tolist()  # the host sync for the contexts
         keys = {}
@@ -146,32 +153,32 @@ def _decoder_hidden(lm, input_ids, attention_mask, position_ids, loss_mask=None,
             f = first[b]
             gid[b] = keys.setdefault((tuple(rows[b][:f]), tuple(rows[b][P:P + f]), tuple(rows[b][2 * P:2 * P + f])),
                                      len(keys))
-        saved = sum(first) - sum(len(k[0]) for k in keys)
-        if saved > 0.1 * sum(need):
-            from transformers import DynamicCache
-            rep = {}
-            for b in range(B):
-                rep.setdefault(gid[b], b)
-            rep = torch.tensor([rep[u] for u in range(len(keys))], device=dev)
-            f_u = torch.tensor([len(k[0]) for k in keys], device=dev)
-            P = int(f_u.max())
-            pm = am.index_select(0, rep)[:, :P] * (ar[None, :P] < f_u[:, None])  # (U, P) valid context tokens
-            cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
-            hu = body(input_ids.index_select(0, rep)[:, :P], pm if left else None, pos.index_select(0, rep)[:, :P],
-                      cache)  # (U, P, d)
-            prefix = first
-        else:
-            gid = [0] * B
+            if gid[b] == len(rep):
+                rep.append(b)  # the first row of each context stands for it
+        if sum(first) - sum(len(k[0]) for k in keys) <= 0.1 * sum(need):  # too little shared to be worth it
+            gid, rep = [0] * B, []
 
-    # 2. one padding-free pass over the tokens every row still needs (attending to its shared context, if any)
-    if _packing_ok(lm):
-        context = None if hu is None else (hu, cache, pm, torch.tensor(gid, device=dev),
-                                           torch.tensor(first, device=dev))
-        packed = _packed_hidden(lm, decoder, input_ids, am, pos, need, context)
+    # 2. one padding-free pass over the tokens every row still needs: each shared context once, in the same pass
+    if packing:
+        shared = (gid, first, rep) if rep else None
+        packed = _packed_hidden(lm, decoder, input_ids, am, pos, need, shared)
         if packed is not None:
             return packed
+        gid, rep = [0] * B, []
 
-    # 3. the rest of every row, in groups of similar length (separate passes)
+    # 3. otherwise (padded passes): one pass over each distinct context into a KV cache
+    if rep:
+        from transformers import DynamicCache
+        rep_t = torch.tensor(rep, device=dev)
+        f_u = torch.tensor([first[b] for b in rep], device=dev)
+        P = int(f_u.max())
+        pm = am.index_select(0, rep_t)[:, :P] * (ar[None, :P] < f_u[:, None])  # (U, P) valid context tokens
+        cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+        hu = body(input_ids.index_select(0, rep_t)[:, :P], pm if left else None, pos.index_select(0, rep_t)[:, :P],
+                  cache)  # (U, P, d)
+        prefix = first
+
+    # 4. the rest of every row, in groups of similar length (separate passes)
     suffix = [n - f for n, f in zip(need, prefix)]
     order = sorted(range(B), key=lambda b: -suffix[b])
     k = max(1, min(max_groups, B // rows_per_group)) if multi_pass else 1
@@ -225,8 +232,9 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """Attention of a packed pass. query (1, H, N, D), key / value (1, Hkv, N, D) hold groups of equal-length
     sequences one after another; `spans` lists them as (offset, rows, length). Each group is viewed as
     (rows, H, length, D) and attends causally within each sequence: SDPA's causal path, no mask, no padding to the
-    longest row of the batch. With `context` (shared prompts computed before, see `_packed_hidden`), each row also
-    attends to its context's cached keys and values, through a mask. Returns (1, N, H, D) as Hugging Face
+    longest row of the batch. With `context` (shared prompts, see `_packed_hidden`), group 0 holds the contexts and
+    each row of a later group also attends to its context's keys and values (taken from group 0 of this layer,
+    so their gradients flow back into the same pass), through a mask. Returns (1, N, H, D) as Hugging Face
     attention functions do."""
     if attention_mask is not None or query.shape[0] != 1:
         raise RuntimeError("a packed pass got an attention mask or more than one row")
@@ -234,15 +242,16 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     sizes = [n * length for _, n, length in spans]
     # split, not one slice per group: the backward of split is one cat, that of each slice a zero-filled full copy
     parts = zip(*(t.squeeze(0).split(sizes, dim=1) for t in (query, key, value)))
-    outs = []
+    outs, ck, cv = [], None, None
     for g, ((_, n, length), qkv) in enumerate(zip(spans, parts)):
         q, k, v = (t.unflatten(1, (n, length)).transpose(0, 1) for t in qkv)  # (n, heads, length, D) views
         mask = None
-        if context is not None:  # prepend each row's context keys / values (U, Hkv, P, D) of this layer
-            ck, cv = context["kv"][module.layer_idx]
+        if context is not None and g == 0:  # the contexts themselves: causal, like any group
+            ck, cv = k, v  # (U, Hkv, Pc, D)
+        elif context is not None:  # prepend each row's context keys / values
             sel = context["rows"][g]
             k, v = torch.cat([ck.index_select(0, sel), k], 2), torch.cat([cv.index_select(0, sel), v], 2)
-            mask = context["masks"][g]  # (n, 1, length, P + length): valid context tokens, then causal
+            mask = context["masks"][g]  # (n, 1, length, Pc + length): valid context tokens, then causal
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                              is_causal=mask is None, scale=scaling,
                                                              enable_gqa=k.shape[1] != H)
@@ -289,60 +298,84 @@ def _length_groups(lengths, group_cost=_GROUP_COST):
     return runs[::-1]
 
 
-def _packed_hidden(lm, decoder, input_ids, am, pos, need, context=None):
+def _packed_hidden(lm, decoder, input_ids, am, pos, need, shared=None):
     """Hidden states (B, L, d) from one pass over only the tokens [0, need[b]) of each row b that attention_mask
     keeps, packed into a single sequence: rows sorted by length and cut into groups (`_length_groups`), each group
     padded to its own longest row, attention within each row (`_packed_attention`). Positions not computed are 0.
-    With `context` = (hu (U, P, d), cache, pm (U, P), gid (B,), first (B,)), the tokens of row b before first[b]
-    are its shared context, already run (hu) into `cache` (keys / values per layer, pm marks the valid ones): only
-    the tokens from first[b] on are packed, and they attend to that context too. None when nothing is left."""
+    With `shared` = (gid, first, rep): the tokens of row b before first[b] are its context, the same for every row
+    with the same gid[b] (rep[u]: the row that stands for context u). Each context is packed once, the contexts
+    together as the first group (padded to the longest), and the rest of each row attends to its context's keys
+    and values of the same layer: one pass, so every weight sees all tokens in one matmul (a separate context pass
+    would add a second, thin weight-gradient matmul and a sum per weight). None when nothing is left."""
     B, L = input_ids.shape
     dev = input_ids.device
     ar = torch.arange(L, device=dev)
     keep = am.bool() & (ar[None] < torch.tensor(need, device=dev)[:, None])  # (B, L) the inputs to score from
-    if context is not None:
-        hu, cache, pm, gid, first = context
-        keep &= ar[None] >= first[:, None]
+    if shared is not None:
+        gid, first, rep = shared
+        first_t = torch.tensor(first, device=dev)
+        in_ctx = keep & (ar[None] < first_t[:, None])  # (B, L) context tokens of each row
+        keep &= ~in_ctx
     n_b = keep.sum(1).tolist()  # host sync
     order = sorted((b for b in range(B) if n_b[b] > 0), key=lambda b: -n_b[b])
-    if not order:
+    spans, rows, base, off = [], [], torch.zeros(B, dtype=torch.long), 0
+    ids_parts, pos_parts = [], []
+    if shared is not None:  # group 0: the U contexts, each padded to the longest (real tokens only)
+        rep_t = torch.tensor(rep, device=dev)
+        c_keep = in_ctx.index_select(0, rep_t)  # (U, L)
+        c_len = c_keep.sum(1)  # (U,)
+        U, Pc = len(rep), int(c_len.max())
+        if Pc == 0:
+            shared = None
+        else:
+            c_slot = (torch.arange(U, device=dev) * Pc)[:, None] + c_keep.long().cumsum(1) - 1
+            c_ids = input_ids.new_zeros(U * Pc)
+            c_ids[c_slot[c_keep]] = input_ids.index_select(0, rep_t)[c_keep]
+            c_pos = pos.new_zeros(U * Pc)
+            c_pos[c_slot[c_keep]] = pos.index_select(0, rep_t)[c_keep]
+            ids_parts.append(c_ids)
+            pos_parts.append(c_pos)
+            spans.append((0, U, Pc))
+            rows.append(None)
+            off = U * Pc
+    if not order and shared is None:
         return None
     lengths = [n_b[b] for b in order]
-    spans, rows, base, off = [], [], torch.zeros(B, dtype=torch.long), 0
-    for i, j in _length_groups(lengths):
+    for i, j in (_length_groups(lengths) if order else []):
         n, length = j - i, lengths[i]
         base[order[i:j]] = off + torch.arange(n) * length
         spans.append((off, n, length))
         rows.append(torch.tensor(order[i:j], device=dev))
         off += n * length
+    start = spans[len(ids_parts)][0] if len(spans) > len(ids_parts) else off  # where the rows' own tokens begin
     slot = base.to(dev)[:, None] + keep.long().cumsum(1) - 1  # (B, L) slot of each kept token
     where = slot[keep]
-    ids = input_ids.new_zeros(off)  # filler slots: token 0 (never attended to by a real token)
-    ids[where] = input_ids[keep]
-    p = pos.new_zeros(off)
-    p[where] = pos[keep]
+    ids = input_ids.new_zeros(off - start)  # filler slots: token 0 (never attended to by a real token)
+    ids[where - start] = input_ids[keep]
+    p = pos.new_zeros(off - start)
+    p[where - start] = pos[keep]
+    ids, p = torch.cat(ids_parts + [ids]), torch.cat(pos_parts + [p])
     ctx = None
-    if context is not None:  # per group: each row's context index and the mask [valid context | causal]
-        P, valid = pm.shape[1], pm.bool()
-        sel = [gid.index_select(0, r) for r in rows]
-        masks = [torch.cat([valid.index_select(0, c)[:, None, None, :].expand(len(c), 1, length, P),
-                            torch.ones(length, length, dtype=torch.bool, device=dev).tril().expand(len(c), 1, -1, -1)],
-                           -1) for c, (_, _, length) in zip(sel, spans)]
-        ctx = {"kv": [(layer.keys, layer.values) for layer in cache.layers], "rows": sel, "masks": masks}
+    if shared is not None:  # per later group: each row's context and the mask [valid context | causal]
+        valid = torch.arange(Pc, device=dev)[None] < c_len[:, None]  # (U, Pc)
+        gid_t = torch.tensor(gid, device=dev)
+        sel = [None] + [gid_t.index_select(0, r) for r in rows[1:]]
+        masks = [None] + [torch.cat([valid.index_select(0, c)[:, None, None, :].expand(len(c), 1, length, Pc),
+                                     torch.ones(length, length, dtype=torch.bool, device=dev).tril()
+                                     .expand(len(c), 1, -1, -1)], -1)
+                          for c, (_, _, length) in zip(sel[1:], spans[1:])]
+        ctx = {"rows": sel, "masks": masks}
     _register_packed_attention()
     # an all-ones mask: Hugging Face then builds no mask (with none it would see the restarting positions as packed
     # sequences and build an N x N one); `postrain_spans` reaches every attention call, recomputations included
     out = decoder(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], position_ids=p[None],
                   use_cache=False, postrain_spans=spans, postrain_context=ctx)
     h = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0]  # (off, d)
-    if context is None:
-        index = torch.where(keep, slot, off)  # not computed: the zero row
-        return torch.cat([h, h.new_zeros(1, h.shape[-1])]).index_select(0, index.reshape(-1)).view(B, L, -1)
-    U, P = pm.shape
-    in_ctx = ar[None] < first[:, None]
-    index = torch.where(keep, U * P + slot, torch.where(in_ctx, gid[:, None] * P + ar[None], U * P + off))
-    flat = torch.cat([hu.reshape(U * P, -1), h, h.new_zeros(1, h.shape[-1])])
-    return flat.index_select(0, index.reshape(-1)).view(B, L, -1)
+    index = torch.where(keep, slot, off)  # not computed: the zero row
+    if shared is not None:  # context tokens: row b's copy is its context's (same tokens in the same order)
+        c_of = gid_t[:, None] * Pc + in_ctx.long().cumsum(1) - 1
+        index = torch.where(in_ctx, c_of, index)
+    return torch.cat([h, h.new_zeros(1, h.shape[-1])]).index_select(0, index.reshape(-1)).view(B, L, -1)
 
 
 def _packing_ok(lm):
