@@ -121,7 +121,10 @@ def parse():
     ap.add_argument("--profile", action="store_true", help="where the time goes: one round per size under "
                     "torch.profiler (CPU), self time by op class (matmul, attention, the rest) and the top ops per side "
                     "into <out>/profile_<size>_<kind>_<side>.txt (the profiler's overhead inflates the small ops)")
-    ap.add_argument("--only", default=None, choices=["sft", "grpo"], help="run one of the two comparisons")
+    ap.add_argument("--only", default=None, choices=["sft", "grpo", "ab"], help="run one of the comparisons (ab: the "
+                    "model-level A/B alone)")
+    ap.add_argument("--no-ab", dest="ab", action="store_false", help="skip the model-level A/B after each size "
+                    "(forward + backward of FusedLM against a plain padded pass on the same batches: ab.md)")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="summary.md and results.json go here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: {ours,trl}_{sft,grpo}
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: json file with the job
@@ -228,6 +231,97 @@ def ours_worker(kind, cfg):
     if cfg.get("profile"):
         return profiled(method.main, Path(cfg["out"]))
     method.main()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model-level A/B: where the step time goes, without either trainer around it
+# ----------------------------------------------------------------------------------------------------------------
+def ab_batches(path, size, tok):
+    """The batches of the A/B: (name, seqs, temperature) with seqs = [(prompt_ids, completion_ids)]:
+    the embedded SFT batch (64 demonstrations, 23-41 tokens), a ragged batch (16 rows of 16-256 random tokens, the
+    length spread of real SFT data), and a GRPO batch (the size's prompts per step x G 8 random completions of
+    1/3 to all of its new tokens)."""
+    import torch
+    import data
+    g = torch.Generator().manual_seed(0)
+    V = len(tok)
+    sft = [(e["prompt_ids"], e["response_ids"]) for e in data.tokenize_examples(
+        tok, data.embedded_task("sft")[:64], 256, log=lambda *_: None)]
+    ragged = []
+    for _ in range(16):
+        n = int(torch.randint(16, 257, (1,), generator=g))
+        ids = torch.randint(5, V - 1, (n,), generator=g).tolist()
+        ragged.append((ids[:8], ids[8:]))
+    n_prompts, new = (32, 40) if size == "embedded" else (4, 16)
+    grpo = []
+    for e in data.embedded_task("rl")[:n_prompts]:
+        p = data.encode_prompt(tok, e["prompt"])
+        for _ in range(8):
+            n = int(torch.randint(new // 3, new + 1, (1,), generator=g))
+            grpo.append((p, torch.randint(5, V - 1, (n,), generator=g).tolist()))
+    return [("SFT, embedded demonstrations (64 rows)", sft, 1.0), ("SFT, ragged (16 rows of 16-256 tokens)", ragged, 1.0),
+            (f"GRPO ({n_prompts} prompts x 8, up to {new} new tokens)", grpo, 0.7)]
+
+
+def ab_worker(_, cfg):
+    """Child process: forward + backward of FusedLM (ours) and of the plain Hugging Face pass (padded batch, full
+    logits, log-softmax at T, gather: the arithmetic TRL's trainers run) on the same batches, alternating, `reps`
+    times each; user and system CPU time (getrusage) and minor page faults of each pass, medians."""
+    import resource
+    import torch
+    torch.set_num_threads(cfg["threads"])
+    import data
+    from kernels.engine import FusedLM
+    from transformers import AutoModelForCausalLM
+    tok = data.load_tokenizer(cfg["path"])
+    ours_lm = AutoModelForCausalLM.from_pretrained(cfg["path"], dtype=torch.float32)
+    ours = FusedLM(ours_lm)
+    plain = AutoModelForCausalLM.from_pretrained(cfg["path"], dtype=torch.float32)
+    rows = []
+    for name, seqs, T in ab_batches(cfg["path"], cfg["size"], tok):
+        b = data.collate(seqs, tok.pad_token_id)
+        w = torch.randn(b["loss_mask"].shape, generator=torch.Generator().manual_seed(1)) * b["loss_mask"]
+
+        def run_ours():
+            (ours(b["input_ids"], b["attention_mask"], b["loss_mask"], T)["logp"] * w).sum().backward()
+
+        def run_plain():
+            logits = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float() / T
+            logp = logits.log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+            (logp * w[:, 1:]).sum().backward()
+        times = {"ours": [], "plain": []}
+        for f in (run_ours, run_plain):  # warm-up
+            f()
+        for r in range(cfg["reps"]):
+            for side, f in (("ours", run_ours), ("plain", run_plain)) if r % 2 == 0 else (("plain", run_plain),
+                                                                                          ("ours", run_ours)):
+                r0 = resource.getrusage(resource.RUSAGE_SELF)
+                f()
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                times[side].append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+        med = {side: [statistics.median(x[k] for x in v) for k in range(3)] for side, v in times.items()}
+        rows.append(dict(batch=name, real=int(b["attention_mask"].sum()), padded=b["input_ids"].numel(),
+                         ours=med["ours"], plain=med["plain"]))
+    Path(cfg["out"]).write_text(json.dumps(rows))
+
+
+def ab_table(size, rows):
+    lines = [f"| {size}: batch | real / padded tokens | ours user s | plain user s | plain / ours (user) | "
+             "ours sys s (faults) | plain sys s (faults) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        (ou, os_, of), (pu, ps, pf) = r["ours"], r["plain"]
+        lines.append(f"| {r['batch']} | {r['real']} / {r['padded']} ({r['real'] / r['padded']:.2f}) | {ou:.3f} | "
+                     f"{pu:.3f} | {pu / ou:.2f} | {os_:.3f} ({of:.0f}) | {ps:.3f} ({pf:.0f}) |")
+    return "\n".join(lines)
+
+
+def run_ab(b, work, reps=3):
+    job, out = work / "ab.json", work / "ab_result.json"
+    job.write_text(json.dumps({"path": str(b.size_path), "size": b.size, "threads": b.threads, "reps": reps,
+                               "out": str(out)}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ab_x", "--job", str(job)]
+    spawn(cmd, work / "ab.log")
+    return json.loads(out.read_text())
 
 
 class StepTimer:
@@ -389,6 +483,12 @@ def summarise(results, a):
         ratios
 
 
+AB_HEAD = ("Forward + backward of our FusedLM against the plain Hugging Face pass on the same padded batch (full "
+           "logits, log-softmax, gather: the arithmetic TRL's trainers run), no trainer around either, one thread, "
+           "alternating, medians of 3; user CPU time (the arithmetic) and system time with the minor page faults "
+           "that caused it (fresh memory for the activations) apart. plain / ours > 1: ours is faster.")
+
+
 SIZE_COLUMNS = [("SFT tokens/s (median)", "SFT tokens/s", TARGETS["sft_tokens_per_s"], True),
                 ("SFT peak RSS MB", "SFT peak", TARGETS["peak_mb"], False),
                 ("GRPO s/step (median)", "GRPO s/step", TARGETS["grpo_step_s"], False),
@@ -450,7 +550,8 @@ def main():
     a = parse()
     if a.worker:
         side, kind = a.worker.split("_", 1)
-        return (trl_worker if side == "trl" else ours_worker)(kind, json.loads(Path(a.job).read_text()))
+        worker = {"trl": trl_worker, "ours": ours_worker, "ab": ab_worker}[side]
+        return worker(kind, json.loads(Path(a.job).read_text()))
     a.clock = a.clock or ("cpu" if a.threads == 1 else "wall")
     os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))  # both sides alike
     out = Path(a.out)
@@ -462,7 +563,14 @@ def main():
     if bad:
         raise SystemExit(f"error: unknown --sizes {bad}; choose from {list(SIZES)}")
     kinds = [k for k in ("sft", "grpo") if a.only in (None, k)]
-    import trl
+    ab_tables = []
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        trl_version = version("trl")
+    except PackageNotFoundError:  # the A/B alone (--only ab) does not need TRL
+        if kinds:
+            raise SystemExit("error: TRL is not installed: pip install -r requirements-bench.txt (or ./run.sh bench)")
+        trl_version = "not installed"
     t_start, all_results, per_size, tables, n_met, n_checks = time.perf_counter(), {}, {}, [], 0, 0
     for size in sizes:
         b = copy.copy(a)
@@ -473,7 +581,7 @@ def main():
                 data.resolve_model(a.model)
         else:
             b.size_path, params = build_size(size)  # outside any timing
-            if size == "embedded":
+            if size == "embedded" and "grpo" in kinds:
                 data.resolve_model("embedded:warm")
             cfg = SIZES[size]
             for key in ("sft_steps", "grpo_steps", "rounds", "warmup"):
@@ -497,6 +605,11 @@ def main():
                               f"{r['wall_s']:.0f} s wall", flush=True)
                         if a.profile:
                             print(f"[bench]   profile: {r['profile']}", flush=True)
+            if not a.model and (a.only == "ab" or (a.ab and a.only is None and not a.profile)):
+                ab_tables.append(ab_table(size, run_ab(b, work)))
+                print("\n" + ab_tables[-1] + "\n", flush=True)
+        if not kinds:
+            continue
         table, checks, ratios = summarise(results, b)
         table += f"\n\n({size}: {time.perf_counter() - t_size:.0f} s)"
         print("\n" + table + "\n", flush=True)
@@ -506,8 +619,11 @@ def main():
         n_met, n_checks = n_met + sum(checks), n_checks + len(checks)
     summary = ["## Ours / TRL per model size (1 thread, CPU clock; every ratio is ours / TRL)", "",
                size_table(per_size), "", *tables]
-    footer = (f"\ntrl {trl.__version__}; the benchmark took {time.perf_counter() - t_start:.0f} s; "
+    footer = (f"\ntrl {trl_version}; the benchmark took {time.perf_counter() - t_start:.0f} s; "
               f"command: python tests/bench_trl.py {' '.join(sys.argv[1:])}")
+    if ab_tables:
+        (out / "ab.md").write_text(AB_HEAD + "\n\n" + "\n\n".join(ab_tables) + "\n" + footer + "\n")
+        summary += ["### The model alone (forward + backward, ab.md)", "", AB_HEAD, "", *ab_tables, ""]
     print("\n" + size_table(per_size) + footer)
     (out / "summary.md").write_text("\n".join(summary) + "\n" + footer + "\n")
     (out / "results.json").write_text(json.dumps(all_results, indent=1))
