@@ -29,6 +29,10 @@ copied into TRL's config, so both sides always run the same work):
   step varied 2x between minutes while CPU time moved far less; on an idle machine the two agree. --clock wall
   otherwise. Both sides are run --rounds times, alternating which goes first, with seed = round number.
 The ratios (ours / TRL) are printed and written to <out>/summary.md, with the raw per-step numbers in results.json.
+After each size (unless --no-ab; `--only ab` runs it alone, without TRL): the model-level A/B, forward + backward of
+our FusedLM against the plain Hugging Face pass on the same padded batches (the embedded SFT batch, a ragged batch of
+16-256 tokens per row, the size's GRPO batch), user and system CPU time apart: where a trainer-level ratio comes from
+(the arithmetic on real tokens) and what it loses to (page faults, generation, the optimizer). <out>/ab.md.
 """
 import argparse
 import json
