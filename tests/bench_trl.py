@@ -293,9 +293,16 @@ def ab_worker(_, cfg):
             logits = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float() / T
             logp = logits.log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
             (logp * w[:, 1:]).sum().backward()
-        times = {"ours": [], "plain": []}
-        for f in (run_ours, run_plain):  # warm-up
-            f()
+        times, saved = {"ours": [], "plain": []}, {}
+        for side, f in (("ours", run_ours), ("plain", run_plain)):  # warm-up, counting what autograd keeps
+            storages = {}
+
+            def keep(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                f()
+            saved[side] = sum(storages.values()) / 2**20
         for r in range(cfg["reps"]):
             for side, f in (("ours", run_ours), ("plain", run_plain)) if r % 2 == 0 else (("plain", run_plain),
                                                                                           ("ours", run_ours)):
@@ -305,17 +312,19 @@ def ab_worker(_, cfg):
                 times[side].append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
         med = {side: [statistics.median(x[k] for x in v) for k in range(3)] for side, v in times.items()}
         rows.append(dict(batch=name, real=int(b["attention_mask"].sum()), padded=b["input_ids"].numel(),
-                         ours=med["ours"], plain=med["plain"]))
+                         ours=med["ours"], plain=med["plain"], saved=saved))
     Path(cfg["out"]).write_text(json.dumps(rows))
 
 
 def ab_table(size, rows):
     lines = [f"| {size}: batch | real / padded tokens | ours user s | plain user s | plain / ours (user) | "
-             "ours sys s (faults) | plain sys s (faults) |", "|---|---|---|---|---|---|---|"]
+             "ours sys s (faults) | plain sys s (faults) | saved for backward MB: ours / plain |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         (ou, os_, of), (pu, ps, pf) = r["ours"], r["plain"]
         lines.append(f"| {r['batch']} | {r['real']} / {r['padded']} ({r['real'] / r['padded']:.2f}) | {ou:.3f} | "
-                     f"{pu:.3f} | {pu / ou:.2f} | {os_:.3f} ({of:.0f}) | {ps:.3f} ({pf:.0f}) |")
+                     f"{pu:.3f} | {pu / ou:.2f} | {os_:.3f} ({of:.0f}) | {ps:.3f} ({pf:.0f}) | "
+                     f"{r['saved']['ours']:.0f} / {r['saved']['plain']:.0f} |")
     return "\n".join(lines)
 
 
@@ -490,7 +499,9 @@ def summarise(results, a):
 AB_HEAD = ("Forward + backward of our FusedLM against the plain Hugging Face pass on the same padded batch (full "
            "logits, log-softmax, gather: the arithmetic TRL's trainers run), no trainer around either, one thread, "
            "alternating, medians of 3; user CPU time (the arithmetic) and system time with the minor page faults "
-           "that caused it (fresh memory for the activations) apart. plain / ours > 1: ours is faster.")
+           "that caused it (fresh memory for the activations) apart; saved for backward: the bytes of the distinct "
+           "storages autograd keeps for the backward pass (torch.autograd.graph.saved_tensors_hooks). "
+           "plain / ours > 1: ours is faster.")
 
 
 SIZE_COLUMNS = [("SFT tokens/s (median)", "SFT tokens/s", TARGETS["sft_tokens_per_s"], True),

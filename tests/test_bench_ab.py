@@ -30,4 +30,6 @@ def test_model_ab_runs_and_counts_tokens(tmp_path):
         ours, plain, ratio = float(cells[2]), float(cells[3]), float(cells[4])
         assert ours > 0 and plain > 0 and abs(ratio - plain / ours) < 0.01 + 0.01 * ratio
         assert re.fullmatch(r"[\d.]+ \(\d+\)", cells[5]) and re.fullmatch(r"[\d.]+ \(\d+\)", cells[6])
+        saved_ours, saved_plain = map(float, cells[7].split(" / "))
+        assert 0 < saved_ours < saved_plain  # padding-free: autograd keeps fewer bytes (deterministic, not a timing)
     assert "ab.md" in (tmp_path / "summary.md").read_text()
