@@ -665,12 +665,13 @@ def test_bench_quick_runs():
     assert "fused/naive" in p.stdout
 
 
-@pytest.mark.parametrize("layout", ["grpo_shared_prompts", "ragged_no_share", "left_padded"])
+@pytest.mark.parametrize("layout", ["grpo_shared_prompts", "ragged_no_share", "left_padded", "grpo_checkpointing"])
 def test_fusedlm_partial_passes_equal_one_plain_pass(layout):
-    """FusedLM's body runs only what scored tokens need (cut after the last target, shared prompt contexts through a
-    KV cache, length groups). Its log-probs and parameter gradients must equal one plain pass of the HF model
-    (full logits, log-softmax, gather) on batches that exercise each path: 8 prompts x G=8 completions of ragged
-    lengths (64 rows, so the grouping runs), rows with no target at all, and left padding."""
+    """FusedLM's body runs only what scored tokens need (cut after the last target, shared prompt contexts packed
+    once in the same pass, length groups). Its log-probs and parameter gradients must equal one plain pass of the HF
+    model (full logits, log-softmax, gather) on batches that exercise each path: 8 prompts x G=8 completions of
+    ragged lengths (64 rows, so the grouping runs), rows with no target at all, left padding, and the shared
+    prompts under gradient checkpointing (recomputed in backward)."""
     import data
     from kernels.engine import FusedLM
     tok = data.build_embedded_tokenizer()
@@ -684,7 +685,7 @@ def test_fusedlm_partial_passes_equal_one_plain_pass(layout):
         for k in range(8):
             n = int(torch.randint(0, 13, (1,), generator=g))  # n = 0: a row without targets
             comp = torch.randint(5, V, (n,), generator=g).tolist()
-            if layout != "grpo_shared_prompts":  # distinct contexts
+            if not layout.startswith("grpo"):  # distinct contexts
                 prompt = torch.randint(5, V, (len(prompt),), generator=g).tolist()
             rows.append((prompt, comp))
     L = max(len(p) + len(c) for p, c in rows)
@@ -697,6 +698,10 @@ def test_fusedlm_partial_passes_equal_one_plain_pass(layout):
         am[i, o:o + len(s)] = 1
         lm_mask[i, o + len(p):o + len(s)] = 1
     up = torch.randn(len(rows), L, generator=g)
+    if layout == "grpo_checkpointing":  # the shared prompts in the one packed pass, recomputed in backward
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        lm.train()
     fused = FusedLM(lm)
     out = fused(ids, am, lm_mask)["logp"]
     loss_f = (out * up * lm_mask).sum()
