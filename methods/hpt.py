@@ -102,7 +102,7 @@ class Args:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # DeepSeekMath uses k3; k2 has the reverse-KL gradient
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_sum_norm"  # HPT loss_remove_token_mean: token sum / L_max
     mask_truncated: bool = False  # drop completions without EOS from the loss (DAPO overlong filtering; TRL)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and generate more (HPT: gated ones kept)
     max_gen_batches: int = 4  # DAPO dynamic sampling: rollout batches tried per step before going on
     overlong_buffer_ratio: float = 0.0  # DAPO overlong shaping: last fraction of max_new_tokens penalised (4096/20480)
     overlong_penalty: float = 1.0  # DAPO: penalty at the hard limit
@@ -300,8 +300,9 @@ def main():
                         args.overlong_penalty)
                     group.append(dict(example=e, completion=comps[i], finished=fin[i],
                                       gen_logp=gen_lp[i] if gen_lp else None, reward=reward))
-                equal = len({s["reward"] for s in group}) == 1
-                (dropped if args.dynamic_sampling and equal else kept).append(group)
+                no_signal = len({s["reward"] for s in group}) == 1 and not hpt_gate(  # HPT: a gated group trains
+                    torch.tensor([[s["reward"] for s in group]]), args.gate)[0]  # on its demonstration: kept
+                (dropped if args.dynamic_sampling and no_signal else kept).append(group)
             tries += 1
         # out of tries: fill up with equal-reward groups (advantage 0: no gradient, but counted in the normalizer)
         groups = (kept + dropped)[: n_local // G]

@@ -4,6 +4,7 @@ bad inputs, the paper recipe's dry run, end to end."""
 import functools
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -239,3 +240,40 @@ def test_hpt_end_to_end(tmp_path):
     assert all(r["train/frac_gated"] == 1.0 and r["train/rl_loss"] == 0.0 and r["train/sft_loss"] > 0
                and r["train/skipped"] == 1.0 for r in train)
     assert math.isfinite(train[1]["train/loss"])
+
+
+COUNT_GENERATE = """
+import json, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import rollout
+from tests_util import load_method
+calls = [0]
+generate = rollout.generate
+def counting(*args, **kwargs):  # the real generate, counted
+    calls[0] += 1
+    return generate(*args, **kwargs)
+rollout.generate = counting
+sys.argv = ["hpt.py"] + {argv!r}
+load_method("hpt").main()
+print("GENERATE_CALLS", calls[0])
+"""
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_keeps_gated_groups(tmp_path):
+    """DAPO's dynamic sampling drops groups whose rewards are all equal: no RL signal. In HPT a gated group (at most
+    --gate correct, e.g. all wrong) trains on its demonstration, so it must be kept, not traded for more rollout
+    batches. From the untrained model every question is all-fail, hence gated: one rollout batch per step suffices
+    (before: --max-gen-batches batches per step, and a mixed group of a later batch displaced a gated one)."""
+    import subprocess
+    argv = ["--model", "embedded", "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "4",
+            "--eval-every", "0", "--eval-size", "0", "--max-new-tokens", "8", "--output-dir", str(tmp_path / "out"),
+            "--quiet", "--save-every", "0", "--dynamic-sampling", "--max-gen-batches", "3"]
+    p = subprocess.run([sys.executable, "-c", COUNT_GENERATE.format(repo=str(REPO), tests=str(REPO / "tests"),
+                                                                    argv=argv)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "GENERATE_CALLS 2" in p.stdout, p.stdout[-1000:]
+    rec = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rec if "train/reward" in r]
+    assert len(train) == 2 and all(r["train/frac_gated"] == 1.0 and r["train/sft_loss"] > 0 for r in train)
