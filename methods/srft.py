@@ -309,8 +309,8 @@ def main():
         # 4. advantages: group-relative, from the rewards (groups never span ranks; batch std is global)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         group_index = torch.arange(len(samples)) // G
-        moments = common.all_reduce(reward_moments(rewards))  # --scale-rewards batch: the std of every rank's batch
         demo_r = torch.tensor([g[0]["example"]["demo_reward"] for g in groups], dtype=torch.float32)  # SRFT
+        moments = common.all_reduce(reward_moments(torch.cat([rewards, demo_r])))  # --scale-rewards batch: all ranks
         adv = group_advantages(torch.cat([rewards, demo_r]), torch.cat([group_index, torch.arange(len(groups))]),
                                args.scale_rewards, args.adv_eps, batch_moments=moments)  # SRFT: over G_on U G_off
         seqs = [(s["example"]["prompt_ids"], s["completion"]) for s in samples]

@@ -228,3 +228,42 @@ def test_srft_end_to_end(tmp_path, flags):
         assert r["train/demo_reward"] == 1.0  # the embedded demonstrations are correct and fit in 32 tokens
         assert 0 < r["train/w_sft"] <= 0.5 and r["train/w_pos"] >= 0.1  # 0.5 e^-H, 0.1 e^H
         assert r["train/sft_loss"] > 0
+
+
+SPY_ADVANTAGES = """
+import json, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+from tests_util import load_method
+srft = load_method("srft")
+seen = []
+real = srft.group_advantages
+def spy(rewards, group_index, *args, batch_moments=None, **kwargs):  # the real function, its inputs recorded
+    seen.append(dict(rewards=rewards.tolist(), moments=batch_moments.tolist()))
+    return real(rewards, group_index, *args, batch_moments=batch_moments, **kwargs)
+srft.group_advantages = spy
+sys.argv = ["srft.py"] + {argv!r}
+srft.main()
+print("SEEN", json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_batch_std_counts_the_demonstrations(tmp_path):
+    """--scale-rewards batch: the advantages are taken over G_on U G_off (own rollouts and the demonstration of each
+    question), so the batch std must be that of the same rewards, demonstrations included (it once used the own
+    rollouts only)."""
+    import os
+    import subprocess
+    argv = ["--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "4", "--eval-every", "0",
+            "--eval-size", "0", "--max-new-tokens", "8", "--output-dir", str(tmp_path / "out"), "--quiet",
+            "--save-every", "0", "--scale-rewards", "batch"]
+    p = subprocess.run([sys.executable, "-c", SPY_ADVANTAGES.format(repo=str(REPO), tests=str(REPO / "tests"),
+                                                                    argv=argv)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads(p.stdout.split("SEEN ", 1)[1])
+    assert len(seen) == 1
+    r = torch.tensor(seen[0]["rewards"], dtype=torch.float64)
+    assert r.numel() == 2 * 4 + 2  # 8 own rollouts, then the 2 demonstrations
+    expected = [float(r.numel()), float(r.sum()), float((r * r).sum())]
+    assert seen[0]["moments"] == pytest.approx(expected)
