@@ -240,7 +240,7 @@ def ours_worker(kind, cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # The model-level A/B: where the step time goes, without either trainer around it
 # ----------------------------------------------------------------------------------------------------------------
-def ab_batches(path, size, tok):
+def ab_batches(size, tok):
     """The batches of the A/B: (name, seqs, temperature) with seqs = [(prompt_ids, completion_ids)]:
     the embedded SFT batch (64 demonstrations, 23-41 tokens), a ragged batch (16 rows of 16-256 random tokens, the
     length spread of real SFT data), and a GRPO batch (the size's prompts per step x G 8 random completions of
@@ -282,7 +282,7 @@ def ab_worker(_, cfg):
     ours = FusedLM(ours_lm)
     plain = AutoModelForCausalLM.from_pretrained(cfg["path"], dtype=torch.float32)
     rows = []
-    for name, seqs, T in ab_batches(cfg["path"], cfg["size"], tok):
+    for name, seqs, T in ab_batches(cfg["size"], tok):
         b = data.collate(seqs, tok.pad_token_id)
         w = torch.randn(b["loss_mask"].shape, generator=torch.Generator().manual_seed(1)) * b["loss_mask"]
 

@@ -14,10 +14,10 @@ def test_model_ab_runs_and_counts_tokens(tmp_path):
     import data
     tok = data.load_tokenizer(data.resolve_model("embedded"))
     expected = []
-    for name, seqs, _ in bench_trl.ab_batches(None, "embedded", tok):
+    for name, seqs, _ in bench_trl.ab_batches("embedded", tok):
         b = data.collate(seqs, tok.pad_token_id)
         expected.append((name, int(b["attention_mask"].sum()), b["input_ids"].numel()))
-    assert expected[0][1] == sum(len(p) + len(c) for p, c in bench_trl.ab_batches(None, "embedded", tok)[0][1])
+    assert expected[0][1] == sum(len(p) + len(c) for p, c in bench_trl.ab_batches("embedded", tok)[0][1])
     p = subprocess.run([sys.executable, str(REPO / "tests" / "bench_trl.py"), "--only", "ab", "--sizes", "embedded",
                         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
